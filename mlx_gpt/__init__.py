@@ -1,0 +1,13 @@
+"""mlx-gpt: a character-level GPT in MLX."""
+
+from . import backend
+
+# Before anything imports mlx.core: see backend.py for why.
+backend.load_blas()
+
+from .config import GPTConfig, TrainConfig  # noqa: E402
+from .errors import MlxGptError  # noqa: E402
+from .tokenizer import CharTokenizer  # noqa: E402
+
+__all__ = ["GPTConfig", "TrainConfig", "CharTokenizer", "MlxGptError", "backend"]
+__version__ = "0.1.0"

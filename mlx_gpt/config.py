@@ -1,0 +1,178 @@
+"""Model and training hyperparameters, presets, and their validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import MlxGptError
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise MlxGptError(message)
+
+
+def _check_types(obj: Any) -> None:
+    """Reject values of the wrong type (e.g. from a hand-edited JSON file or checkpoint)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        expected = {"int": int, "float": (int, float), "bool": bool, "str": str}.get(f.type)
+        if expected is None:
+            continue
+        ok = isinstance(value, expected) and not (f.type in ("int", "float") and isinstance(value, bool))
+        _require(ok, f"{type(obj).__name__}.{f.name} must be {f.type}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of the decoder-only transformer (nanoGPT's names)."""
+
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    activation: str = "gelu"  # gelu (exact erf), gelu_tanh, relu
+    lm_head_bias: bool = False
+    tie_weights: bool = True  # LM head shares the token embedding
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+            "pick e.g. n_head that divides it",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(
+            self.activation in ACTIVATIONS,
+            f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        return _from_dict(cls, values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe (nanoGPT's names and shakespeare_char defaults)."""
+
+    data: str | None = None  # None: Tiny Shakespeare (downloaded once, cached)
+    out_dir: str = "assets/checkpoints"
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 5000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    decay_lr: bool = True
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    save_interval: int = 0  # 0: same as eval_interval
+    seed: int = 1337
+    compile: bool = True
+    keep_last: int = 5  # timestamped checkpoints kept; 0 keeps all
+    on_save_error: str = "stop"  # stop | warn
+    skip_nonfinite: int = 0  # non-finite steps that may be skipped before stopping
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                     "eval_iters", "log_interval"):
+            _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_iters", "lr_decay_iters", "save_interval", "keep_last", "skip_nonfinite"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+        _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("beta1", "beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.on_save_error in ("stop", "warn"),
+                 f"on_save_error must be 'stop' or 'warn', got {self.on_save_error!r}")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.save_interval or self.eval_interval
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, values)
+
+
+def _from_dict(cls: type, values: dict[str, Any]) -> Any:
+    _require(isinstance(values, dict), f"{cls.__name__} must be a JSON object, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return cls(**values)
+
+
+# Presets: flat dicts of GPTConfig and TrainConfig fields. "shakespeare" is the default.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's model size with nanoGPT's shakespeare_char recipe (a GPU run; slow on a CPU).
+    "shakespeare": {},
+    # nanoGPT's "baby" CPU run of shakespeare_char.
+    "baby": {
+        "n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "dropout": 0.0,
+        "batch_size": 12, "max_iters": 2000, "lr_decay_iters": 2000, "eval_iters": 20,
+    },
+}
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset by name, or a JSON file of GPTConfig/TrainConfig fields."""
+    if name_or_path in PRESETS:
+        return dict(PRESETS[name_or_path])
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise MlxGptError(
+            f"--config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing JSON file"
+        )
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MlxGptError(f"--config {path}: not a readable JSON file ({exc})") from None
+    _require(isinstance(values, dict), f"--config {path}: expected a JSON object of config fields")
+    known = {f.name for f in fields(GPTConfig)} | {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"--config {path}: unknown field(s) {', '.join(unknown)}")
+    return values
+
+
+def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat dict into (GPTConfig fields, TrainConfig fields)."""
+    model_names = {f.name for f in fields(GPTConfig)}
+    train_names = {f.name for f in fields(TrainConfig)}
+    return (
+        {k: v for k, v in values.items() if k in model_names},
+        {k: v for k, v in values.items() if k in train_names},
+    )

@@ -1,0 +1,135 @@
+"""The GPT model: a decoder-only transformer with learned absolute positions (nanoGPT's shape).
+
+Parameter names follow nanoGPT (``wte``, ``wpe``, ``h.N.attn.c_attn`` ...) so that checkpoints
+map over one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from .config import GPTConfig
+
+# An attention mask: None, "causal", or an array (additive float or boolean, True = attend)
+# broadcastable to [batch, heads, query_len, key_len].
+Mask = Any
+
+ACTIVATION_FUNCTIONS = {
+    "gelu": nn.gelu,  # exact, erf-based (PyTorch nn.GELU())
+    "gelu_tanh": nn.gelu_approx,  # tanh approximation (PyTorch nn.GELU(approximate="tanh"))
+    "relu": nn.relu,
+}
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # The fused attention kernel has no dropout on attention weights; dropout applies to the
+        # residual branch, as it does in most modern GPT code.
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None) -> mx.array:
+        B, T, C = x.shape
+        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
+        # [B, T, C] -> [B, n_head, T, head_dim]
+        q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network, 4x wide."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.activation = ACTIVATION_FUNCTIONS[config.activation]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None) -> mx.array:
+        x = x + self.attn(self.ln_1(x), mask=mask, cache=cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Token + position embeddings, a stack of blocks, final LayerNorm, LM head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = [Block(config) for _ in range(config.n_layer)]
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        if not config.tie_weights:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.lm_head_bias:
+            self.lm_head_bias = mx.zeros((config.vocab_size,))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """nanoGPT's init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layer)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+
+        def init(path: str, p: mx.array) -> mx.array:
+            if ".ln_" in f".{path}" or path.endswith("bias"):
+                return mx.ones_like(p) if path.endswith("weight") else mx.zeros_like(p)
+            std = residual_std if path.endswith("c_proj.weight") else 0.02
+            return mx.random.normal(p.shape, scale=std, dtype=p.dtype)
+
+        self.update(tree_map_with_path(init, self.parameters()))
+
+    def __call__(self, idx: mx.array, mask: Mask = "causal", cache: list[Any] | None = None) -> mx.array:
+        """Logits [B, T, vocab] for token ids ``idx`` [B, T].
+
+        ``cache`` (one per layer, see ``cache.py``) continues a sequence: positions start at the
+        cache's offset. ``mask="causal"`` takes the fused kernel's causal path.
+        """
+        B, T = idx.shape
+        offset = cache[0].offset if cache is not None else 0
+        if offset + T > self.config.block_size:
+            raise ValueError(f"sequence of {offset + T} tokens is longer than block_size {self.config.block_size}")
+        positions = mx.arange(offset, offset + T)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        for i, block in enumerate(self.h):
+            x = block(x, mask=mask, cache=None if cache is None else cache[i])
+        x = self.ln_f(x)
+        logits = self.wte.as_linear(x) if self.config.tie_weights else self.lm_head(x)
+        if self.config.lm_head_bias:
+            logits = logits + self.lm_head_bias
+        return logits
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; like nanoGPT, position embeddings are left out by default."""
+        n = sum(p.size for _, p in tree_flatten(self.parameters()))
+        return n - self.wpe.weight.size if non_embedding else n

@@ -1,0 +1,452 @@
+"""The training loop: AdamW with PyTorch semantics, cosine schedule, compiled step, eval, checkpoints, signals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from tqdm import tqdm
+
+from . import backend
+from .checkpoint import Checkpoint, check_arrays, replace_with_copy
+from .config import GPTConfig, TrainConfig
+from .data import BatchSampler, Dataset
+from .errors import MlxGptError
+from .model import GPT
+from .tokenizer import CharTokenizer
+
+CHECKPOINT_PATTERN = re.compile(r"^gpt-\d{8}-\d{6}-step(\d+)\.npz$")
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+class AdamW(optim.AdamW):
+    """AdamW as PyTorch (and nanoGPT) use it: bias correction on, weight decay only on tensors with ndim >= 2."""
+
+    def __init__(self, learning_rate: Any, betas: tuple[float, float], weight_decay: float) -> None:
+        super().__init__(learning_rate, betas=list(betas), weight_decay=weight_decay, bias_correction=True)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if parameter.ndim < 2:  # biases and LayerNorm gains are not decayed
+            return optim.Adam.apply_single(self, gradient, parameter, state)
+        return super().apply_single(gradient, parameter, state)
+
+
+def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
+    """nanoGPT's get_lr as MLX ops (so it lives inside the compiled step): linear warmup, cosine to min_lr."""
+    if not cfg.decay_lr:
+        return lambda step: mx.array(cfg.learning_rate, dtype=mx.float32)
+    warmup, decay_end = cfg.warmup_iters, max(cfg.lr_decay_iters, cfg.warmup_iters + 1)
+
+    def lr(step: mx.array) -> mx.array:
+        it = step.astype(mx.float32)
+        warm = cfg.learning_rate * (it + 1) / (warmup + 1)
+        progress = mx.clip((it - warmup) / (decay_end - warmup), 0.0, 1.0)
+        cosine = cfg.min_lr + 0.5 * (1.0 + mx.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+        return mx.where(it < warmup, warm, cosine)
+
+    return lr
+
+
+def loss_fn(model: GPT, x: mx.array, y: mx.array) -> mx.array:
+    logits = model(x)
+    return nn.losses.cross_entropy(logits, y, reduction="mean")
+
+
+# ----------------------------------------------------------------------------- out_dir housekeeping
+
+
+class OutDirLock:
+    """An exclusive lock on ``out_dir`` (released by the OS when the process dies, so stale locks free themselves)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / ".lock"
+        self._file: Any = None
+
+    def __enter__(self) -> OutDirLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise MlxGptError(
+                f"{self.path.parent} is in use by a training run (pid {holder}); "
+                "wait for it to finish or pass another --out_dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class StopSignals:
+    """Ctrl+C / SIGTERM: the first asks the loop to save and stop; during a save, the second waits for it;
+    the third exits at once (files on disk stay valid: every write is atomic)."""
+
+    def __init__(self) -> None:
+        self.requested = 0
+        self.saving = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested += 1
+        if self.requested >= 3:
+            print("\nthird interrupt: exiting now", file=sys.stderr, flush=True)
+            os._exit(130)
+        if self.requested == 2 and self.saving:
+            print("\nwaiting for the checkpoint being written; interrupt once more to exit at once",
+                  file=sys.stderr, flush=True)
+        elif self.requested == 1:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def timestamped_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the timestamped checkpoints in ``out_dir``, oldest step first."""
+    found = []
+    for path in out_dir.glob("gpt-*.npz"):
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_resumable(out_dir: Path) -> Path | None:
+    """The newest timestamped checkpoint in ``out_dir`` that loads, if any (offered when latest.npz is bad)."""
+    for _, path in reversed(timestamped_checkpoints(out_dir)):
+        try:
+            Checkpoint.load(path)
+        except MlxGptError:
+            continue
+        return path
+    return None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    iter: int
+    train_loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    checkpoint: Path | None
+    interrupted: bool
+
+
+class Trainer:
+    """One training run: a model, its optimizer and data, the compiled step, and the checkpoint files."""
+
+    def __init__(self, model_cfg: GPTConfig, train_cfg: TrainConfig, dataset: Dataset, tokenizer: CharTokenizer,
+                 resume: Checkpoint | None = None, log: Callable[[str], None] = print) -> None:
+        self.model_cfg, self.cfg, self.dataset, self.tokenizer = model_cfg, train_cfg, dataset, tokenizer
+        self.log = log
+        self.out_dir = Path(train_cfg.out_dir)
+        mx.random.seed(train_cfg.seed)  # model init
+        self.model = GPT(model_cfg)
+        self.optimizer = AdamW(lr_schedule(train_cfg), (train_cfg.beta1, train_cfg.beta2), train_cfg.weight_decay)
+        self.optimizer.init(self.model.trainable_parameters())
+        batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps
+        self.sampler = BatchSampler(dataset.train, model_cfg.block_size, batch, train_cfg.seed)
+        self.iter = 0
+        self.best_val_loss: float | None = None
+        self.nonfinite_skipped = 0
+        self.last_saved_iter: int | None = None
+        if resume is not None:
+            self._restore(resume)
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        self._build_steps()
+
+    # -- state ----------------------------------------------------------------
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        expected = {k: v.shape for k, v in tree_flatten(self.model.parameters())}
+        check_arrays(ckpt.path, "weights", expected, ckpt.model)
+        self.model.load_weights([(k, mx.array(v)) for k, v in ckpt.model.items()])
+        expected_opt = {k: v.shape for k, v in tree_flatten(self.optimizer.state)}
+        check_arrays(ckpt.path, "optimizer state", expected_opt, ckpt.optimizer)
+        self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in ckpt.optimizer.items()])
+        self.optimizer.init(self.model.trainable_parameters())
+        if ckpt.data_rng is not None:
+            self.sampler.set_state(ckpt.data_rng)
+        self.iter, self.best_val_loss = ckpt.iter, ckpt.best_val_loss
+        self.last_saved_iter = ckpt.iter
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            config=self.model_cfg, tokenizer=self.tokenizer,
+            model={k: np.array(v) for k, v in tree_flatten(self.model.parameters())},
+            optimizer={k: np.array(v) for k, v in tree_flatten(self.optimizer.state)},
+            train=self.cfg.to_dict(), iter=self.iter, best_val_loss=self.best_val_loss,
+            data_rng=self.sampler.state(),
+        )
+
+    # -- compiled functions ------------------------------------------------------
+
+    def _build_steps(self) -> None:
+        model, optimizer, cfg = self.model, self.optimizer, self.cfg
+        accum = cfg.gradient_accumulation_steps
+        grad_fn = nn.value_and_grad(model, loss_fn)
+        guard = cfg.skip_nonfinite > 0
+
+        def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+            # x, y: [accum * batch, T]; gradients are averaged over the micro-batches.
+            loss, grads = mx.array(0.0), None
+            for xm, ym in zip(mx.split(x, accum), mx.split(y, accum)):
+                micro_loss, micro_grads = grad_fn(model, xm, ym)
+                loss = loss + micro_loss / accum
+                grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            if accum > 1:
+                grads = tree_map(lambda g: g / accum, grads)
+            if cfg.grad_clip > 0:
+                grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+            else:
+                norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+            if not guard:
+                optimizer.update(model, grads)
+                return loss, norm
+            # --skip_nonfinite: a step with a non-finite loss or gradient leaves weights and optimizer untouched.
+            finite = mx.isfinite(loss) & mx.isfinite(norm)
+            old_params = model.parameters()
+            old_state = tree_map(lambda a: a, optimizer.state)  # new containers: update() mutates in place
+            optimizer.update(model, grads)
+            keep = partial(mx.where, finite)
+            model.update(tree_map(keep, model.parameters(), old_params))
+            optimizer.state.update(tree_map(keep, optimizer.state, old_state))
+            return loss, norm
+
+        def eval_loss(x: mx.array, y: mx.array) -> mx.array:
+            return loss_fn(model, x, y)
+
+        if cfg.compile:
+            # The model, the optimizer and the RNG (dropout) are state the compiled graph reads and writes.
+            state = [model.state, optimizer.state, mx.random.state]
+            self._step = mx.compile(step, inputs=state, outputs=state)
+            self._eval_loss = mx.compile(eval_loss, inputs=[model.state])
+        else:
+            self._step, self._eval_loss = step, eval_loss
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step on the next batch; returns (loss, gradient norm before clipping)."""
+        x, y = self.sampler.next_batch()
+        # Dropout's randomness is a function of (seed, iteration), so a resumed run draws what a straight one does.
+        mx.random.seed(self.cfg.seed * 1_000_003 + self.iter)
+        self.model.train()
+        loss, norm = self._step(mx.array(x), mx.array(y))
+        mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
+        self.iter += 1
+        return loss.item(), norm.item()
+
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` batches of each split (dropout off).
+
+        The eval batches depend only on (seed, iteration), not on the training sampler, so evaluating
+        never changes what training sees.
+        """
+        self.model.eval()
+        out = {}
+        for index, (split, tokens) in enumerate((("train", self.dataset.train), ("val", self.dataset.val))):
+            sampler = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
+                                   [self.cfg.seed, self.iter, index])
+            losses = []
+            for _ in range(self.cfg.eval_iters):
+                x, y = sampler.next_batch()
+                losses.append(self._eval_loss(mx.array(x), mx.array(y)))
+            out[split] = mx.mean(mx.stack(losses)).item()
+        self.model.train()
+        return out
+
+    # -- files ---------------------------------------------------------------------
+
+    def save(self, is_best: bool, signals: StopSignals | None = None) -> Path | None:
+        """Write gpt-<time>-step<N>.npz, then point latest.npz (and best.npz) at it; prune old ones."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = self.out_dir / f"gpt-{stamp}-step{self.iter}.npz"
+        if signals is not None:
+            signals.saving = True
+        try:
+            self.checkpoint().save(path)
+            replace_with_copy(path, self.out_dir / "latest.npz")
+            if is_best:
+                replace_with_copy(path, self.out_dir / "best.npz")
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            hint = "free some disk space" if exc.errno == errno.ENOSPC else "check the folder's permissions"
+            message = (f"could not write checkpoint {path} at iter {self.iter}: {reason}; {hint}; "
+                       f"{self.out_dir / 'latest.npz'} still holds the previous save")
+            if self.cfg.on_save_error == "warn":
+                self.log(f"warning: {message} (training goes on: --on_save_error warn)")
+                return None
+            raise MlxGptError(message) from None
+        finally:
+            if signals is not None:
+                signals.saving = False
+        self.last_saved_iter = self.iter
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        if self.cfg.keep_last == 0:
+            return
+        for _, old in timestamped_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
+            old.unlink(missing_ok=True)  # latest/best are separate links or copies: never touched
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop -----------------------------------------------------------------
+
+    def _evaluate(self, bar: tqdm) -> tuple[dict[str, float], bool]:
+        losses = self.estimate_loss()
+        is_best = self.best_val_loss is None or losses["val"] < self.best_val_loss
+        if is_best:
+            self.best_val_loss = losses["val"]
+        bar.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.metrics({"iter": self.iter, "train_loss": losses["train"], "val_loss": losses["val"], "time": time.time()})
+        return losses, is_best
+
+    def run(self, device: str = "cpu") -> TrainResult:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with OutDirLock(self.out_dir), StopSignals() as signals:
+            for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+            tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * self.model_cfg.block_size
+            bar = tqdm(total=cfg.max_iters, initial=self.iter, desc="train", dynamic_ncols=True,
+                       disable=None, file=sys.stdout)
+            losses: dict[str, float] = {}
+            saved: Path | None = None
+            if self.iter == 0:
+                losses, _ = self._evaluate(bar)
+            window_start, window_steps, eta_told = time.perf_counter(), 0, False
+            loss = None
+            while self.iter < cfg.max_iters and not signals.requested:
+                loss, norm = self.train_step()
+                window_steps += 1
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    self.nonfinite_skipped += 1
+                    what = "loss" if not math.isfinite(loss) else "gradient norm"
+                    if self.nonfinite_skipped > cfg.skip_nonfinite:
+                        bar.close()
+                        last = self.out_dir / "latest.npz"
+                        raise MlxGptError(
+                            f"non-finite {what} ({loss if what == 'loss' else norm}) at iter {self.iter}: "
+                            f"stopped; the last good checkpoint is {last if last.exists() else '(none saved yet)'}; "
+                            "lower --learning_rate, or pass --skip_nonfinite N to skip such steps"
+                        )
+                    bar.write(f"iter {self.iter}: non-finite {what}, step skipped "
+                              f"({self.nonfinite_skipped}/{cfg.skip_nonfinite})")
+                bar.update(1)
+                if self.iter % cfg.log_interval == 0 or self.iter == cfg.max_iters:
+                    elapsed = time.perf_counter() - window_start
+                    tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    lr = self.optimizer.learning_rate.item()
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                    self.metrics({"iter": self.iter, "loss": loss, "lr": lr, "grad_norm": norm,
+                                  "tokens_per_s": tok_s, "time": time.time()})
+                    if not eta_told and device == "cpu":
+                        eta_told = True
+                        eta = elapsed / window_steps * (cfg.max_iters - self.iter)
+                        if eta > 15 * 60:
+                            bar.write(f"note: training on the CPU, ~{elapsed / window_steps:.2f} s/iter: about "
+                                      f"{eta / 3600:.1f} h to go (try --config baby for a quick run)")
+                    window_start, window_steps = time.perf_counter(), 0
+                done = self.iter == cfg.max_iters
+                is_best = False
+                if self.iter % cfg.eval_interval == 0 or done:
+                    losses, is_best = self._evaluate(bar)
+                if self.iter % cfg.checkpoint_interval == 0 or done or is_best or signals.requested:
+                    saved = self.save(is_best, signals) or saved
+            bar.close()
+            if signals.requested and self.last_saved_iter != self.iter:
+                saved = self.save(False, signals) or saved
+            if signals.requested:
+                where = saved or (self.out_dir / "latest.npz")
+                self.log(f"interrupted at iter {self.iter}: checkpoint saved to {where}")
+            return TrainResult(self.iter, losses.get("train", loss), losses.get("val"), self.best_val_loss,
+                               saved, bool(signals.requested))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def resolve_resume(out_dir: Path, ckpt: str | None) -> Checkpoint:
+    """The checkpoint ``--resume`` continues from; a corrupt latest.npz names a valid alternative."""
+    path = Path(ckpt) if ckpt else out_dir / "latest.npz"
+    try:
+        return Checkpoint.load(path)
+    except MlxGptError as exc:
+        if ckpt is None and path.exists():
+            alternative = find_resumable(out_dir)
+            if alternative is not None:
+                raise MlxGptError(f"{exc} -- the newest valid checkpoint is {alternative}: "
+                                  f"resume from it with --resume --ckpt {alternative}") from None
+        raise
+
+
+def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str) -> str:
+    tokens = cfg.batch_size * cfg.gradient_accumulation_steps * model_cfg.block_size
+    lines = [
+        backend.describe_device(device),
+        f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.val):,} val characters, "
+        f"vocab {model_cfg.vocab_size})",
+        f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, block "
+        f"{model_cfg.block_size}; number of parameters: {model.num_params() / 1e6:.2f}M",
+        f"batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation = {tokens:,} tokens per step; "
+        f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
+    ]
+    if backend.blas_hint and device == "cpu":
+        lines.append(backend.blas_hint)
+    return "\n".join(lines)
+
+
+def train(model_cfg: GPTConfig, train_cfg: TrainConfig, resume: Checkpoint | None = None,
+          device: str = "cpu", log: Callable[[str], None] = print) -> TrainResult:
+    """Train (or resume) and return the final losses; ``device`` is already selected (backend.select_device)."""
+    dataset, tokenizer = Dataset.load(train_cfg.data, model_cfg.block_size,
+                                      resume.tokenizer if resume is not None else None)
+    if resume is None and model_cfg.vocab_size != tokenizer.vocab_size:
+        model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
+    trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, resume=resume, log=log)
+    log(banner(trainer.model, model_cfg, train_cfg, dataset, device))
+    if resume is not None:
+        log(f"resuming from {resume.path} at iter {resume.iter}")
+    return trainer.run(device)

@@ -1,0 +1,57 @@
+"""Shared fixtures: the Tiny Shakespeare copy beside the project, tiny configs, a trained tiny checkpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def shakespeare_path() -> Path:
+    """Tests and CI never download: they use $MLX_GPT_DATA or ../shared/data/tinyshakespeare.txt."""
+    if os.environ.get("MLX_GPT_DATA"):
+        return Path(os.environ["MLX_GPT_DATA"])
+    return ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    path = shakespeare_path()
+    if not path.is_file():
+        pytest.fail(f"Tiny Shakespeare not found at {path}; set MLX_GPT_DATA to a local copy")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory: pytest.TempPathFactory, shakespeare: Path) -> Path:
+    """The first 50,000 characters of Tiny Shakespeare."""
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(shakespeare.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    return path
+
+
+TINY_FLAGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "8",
+              "--dropout", "0", "--eval_iters", "4", "--log_interval", "10", "--device", "cpu"]
+
+
+def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run one of the root scripts in a subprocess; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> Path:
+    """latest.npz of a tiny model trained for 300 steps on small_text (shared by sampling tests)."""
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    proc = run_script("train.py", "--data", str(small_text), "--out_dir", str(out), *TINY_FLAGS,
+                      "--max_iters", "300", "--eval_interval", "300", "--learning_rate", "3e-3")
+    assert proc.returncode == 0, proc.stderr
+    return out / "latest.npz"

@@ -1,0 +1,86 @@
+"""Train a character-level GPT: `python train.py` (Tiny Shakespeare), `python train.py --config baby`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mlx_gpt import backend, cli
+from mlx_gpt.config import GPTConfig, TrainConfig, load_preset, split_fields
+from mlx_gpt.errors import MlxGptError
+from mlx_gpt.training import resolve_resume, train
+
+MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="preset (shakespeare, baby) or a JSON file of settings; flags override it")
+    p.add_argument("--data", help="UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)")
+    p.add_argument("--out_dir", help="where checkpoints and metrics.jsonl go (default: assets/checkpoints)")
+    m = p.add_argument_group("model")
+    m.add_argument("--n_layer", type=cli.positive_int)
+    m.add_argument("--n_head", type=cli.positive_int)
+    m.add_argument("--n_embd", type=cli.positive_int)
+    m.add_argument("--block_size", type=cli.positive_int)
+    m.add_argument("--dropout", type=cli.unit_interval)
+    m.add_argument("--bias", action=argparse.BooleanOptionalAction, help="biases in Linear and LayerNorm layers")
+    m.add_argument("--activation", choices=("gelu", "gelu_tanh", "relu"))
+    t = p.add_argument_group("training")
+    t.add_argument("--batch_size", type=cli.positive_int)
+    t.add_argument("--gradient_accumulation_steps", type=cli.positive_int)
+    t.add_argument("--max_iters", type=cli.positive_int)
+    t.add_argument("--learning_rate", type=cli.positive_float)
+    t.add_argument("--min_lr", type=cli.nonnegative_float)
+    t.add_argument("--warmup_iters", type=cli.nonnegative_int)
+    t.add_argument("--lr_decay_iters", type=cli.nonnegative_int)
+    t.add_argument("--decay_lr", action=argparse.BooleanOptionalAction)
+    t.add_argument("--weight_decay", type=cli.nonnegative_float)
+    t.add_argument("--beta1", type=cli.unit_interval)
+    t.add_argument("--beta2", type=cli.unit_interval)
+    t.add_argument("--grad_clip", type=cli.nonnegative_float, help="0 disables clipping")
+    t.add_argument("--eval_interval", type=cli.positive_int)
+    t.add_argument("--eval_iters", type=cli.positive_int)
+    t.add_argument("--log_interval", type=cli.positive_int)
+    t.add_argument("--save_interval", type=cli.nonnegative_int, help="0: every eval_interval")
+    t.add_argument("--keep_last", type=cli.nonnegative_int, help="timestamped checkpoints to keep (0: all)")
+    t.add_argument("--on_save_error", choices=("stop", "warn"))
+    t.add_argument("--skip_nonfinite", type=cli.nonnegative_int, help="non-finite steps to skip before stopping")
+    t.add_argument("--seed", type=cli.any_int)
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction)
+    r = p.add_argument_group("run")
+    r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
+    r.add_argument("--resume", action="store_true", default=False, help="continue from out_dir/latest.npz")
+    r.add_argument("--ckpt", default=None, help="with --resume: the checkpoint to continue from")
+    r.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    run_flags = {"config", "device", "resume", "ckpt", "debug"}
+    explicit = {k: v for k, v in vars(args).items() if k not in run_flags}
+    if args.ckpt and not args.resume:
+        raise MlxGptError("--ckpt is for --resume; to sample from a checkpoint use sample.py --ckpt")
+    device = backend.select_device(args.device)
+    values = {} if args.resume and "config" not in vars(args) else load_preset(getattr(args, "config", "shakespeare"))
+    resume = None
+    if args.resume:
+        out_dir = Path(explicit.get("out_dir", TrainConfig.out_dir))
+        resume = resolve_resume(out_dir, args.ckpt)
+        fixed = resume.config.to_dict()
+        changed = [k for k in MODEL_FLAGS if k in explicit and explicit[k] != fixed[k]]
+        if changed:
+            raise MlxGptError(f"--resume takes the model's shape from the checkpoint; drop {', '.join('--' + k for k in changed)}")
+        values = {**(resume.train or {}), **values, **fixed}
+        values.pop("out_dir", None)
+    values.update(explicit)
+    model_values, train_values = split_fields(values)
+    model_cfg = GPTConfig.from_dict(model_values)
+    train_cfg = TrainConfig.from_dict(train_values)
+    train(model_cfg, train_cfg, resume=resume, device=device)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
