@@ -152,7 +152,9 @@ class Checkpoint:
         """Read and validate a checkpoint; any problem is one MlxGptError naming the file."""
         path = Path(path)
         if not path.is_file():
-            raise MlxGptError(f"checkpoint {path} does not exist; train one first (python train.py) or pass --ckpt PATH")
+            raise MlxGptError(
+                f"checkpoint {path} does not exist; train one first (python train.py) or pass --ckpt PATH"
+            )
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
@@ -184,7 +186,8 @@ class Checkpoint:
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise fail(f"invalid format version {version!r}")
         if version > VERSION:
-            raise fail(f"written by a newer mlx-gpt (format version {version}, this one reads <= {VERSION}); upgrade mlx-gpt")
+            raise fail(f"written by a newer mlx-gpt (format version {version}, this one reads <= {VERSION}); "
+                       "upgrade mlx-gpt")
         if meta.get("checksum") != arrays_checksum(arrays):
             raise fail("checksum mismatch: the file is corrupt; use another checkpoint with --ckpt")
         try:
@@ -228,7 +231,8 @@ def check_arrays(
     if unexpected:
         problems.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
     if wrong:
-        problems.append("wrong shape " + ", ".join(f"{k} {weights[k].shape} (expected {expected[k]})" for k in wrong[:3]))
+        shapes = ", ".join(f"{k} {weights[k].shape} (expected {expected[k]})" for k in wrong[:3])
+        problems.append(f"wrong shape {shapes}")
     if not_numeric:
         problems.append(f"non-numeric dtype in {', '.join(not_numeric[:3])}")
     if problems:

@@ -132,7 +132,9 @@ class Dataset:
                 )
 
     @classmethod
-    def load(cls, data: str | None, block_size: int, tokenizer: CharTokenizer | None = None) -> tuple[Dataset, CharTokenizer]:
+    def load(
+        cls, data: str | None, block_size: int, tokenizer: CharTokenizer | None = None
+    ) -> tuple[Dataset, CharTokenizer]:
         """Read the data file; build the tokenizer from it unless one is given (on resume)."""
         path = resolve_data_path(data)
         text = read_text(path)

@@ -65,9 +65,16 @@ def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
     return lr
 
 
-def loss_fn(model: GPT, x: mx.array, y: mx.array) -> mx.array:
+def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
     logits = model(x)
-    return nn.losses.cross_entropy(logits, y, reduction="mean")
+    return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
+
+
+def ema_decay_at(decay: float, step: mx.array) -> mx.array:
+    """The EMA decay at an optimizer step, ramped up early ((1 + t) / (10 + t)) so the average is not
+    dominated by the random init in short runs."""
+    t = step.astype(mx.float32)
+    return mx.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
 # ----------------------------------------------------------------------------- out_dir housekeeping
@@ -183,6 +190,8 @@ class Trainer:
         self.model = GPT(model_cfg)
         self.optimizer = AdamW(lr_schedule(train_cfg), (train_cfg.beta1, train_cfg.beta2), train_cfg.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
+        # The EMA copy: one entry per parameter (a tied embedding/head is one parameter, averaged once).
+        self.ema: dict | None = tree_map(mx.array, self.model.parameters()) if train_cfg.ema_decay > 0 else None
         batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps
         self.sampler = BatchSampler(dataset.train, model_cfg.block_size, batch, train_cfg.seed)
         self.iter = 0
@@ -204,6 +213,12 @@ class Trainer:
         check_arrays(ckpt.path, "optimizer state", expected_opt, ckpt.optimizer)
         self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in ckpt.optimizer.items()])
         self.optimizer.init(self.model.trainable_parameters())
+        if self.ema is not None:
+            if ckpt.ema:
+                check_arrays(ckpt.path, "EMA weights", expected, ckpt.ema)
+                self.ema.update(tree_unflatten([(k, mx.array(v)) for k, v in ckpt.ema.items()]))
+            else:  # EMA switched on for a run that had none: start it from the current weights
+                self.ema.update(tree_map(mx.array, self.model.parameters()))
         if ckpt.data_rng is not None:
             self.sampler.set_state(ckpt.data_rng)
         self.iter, self.best_val_loss = ckpt.iter, ckpt.best_val_loss
@@ -214,6 +229,7 @@ class Trainer:
             config=self.model_cfg, tokenizer=self.tokenizer,
             model={k: np.array(v) for k, v in tree_flatten(self.model.parameters())},
             optimizer={k: np.array(v) for k, v in tree_flatten(self.optimizer.state)},
+            ema={k: np.array(v) for k, v in tree_flatten(self.ema)} if self.ema is not None else {},
             train=self.cfg.to_dict(), iter=self.iter, best_val_loss=self.best_val_loss,
             data_rng=self.sampler.state(),
         )
@@ -223,13 +239,14 @@ class Trainer:
     def _build_steps(self) -> None:
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
         accum = cfg.gradient_accumulation_steps
-        grad_fn = nn.value_and_grad(model, loss_fn)
+        grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
         guard = cfg.skip_nonfinite > 0
+        ema = self.ema
 
         def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
             # x, y: [accum * batch, T]; gradients are averaged over the micro-batches.
             loss, grads = mx.array(0.0), None
-            for xm, ym in zip(mx.split(x, accum), mx.split(y, accum)):
+            for xm, ym in zip(mx.split(x, accum), mx.split(y, accum), strict=True):
                 micro_loss, micro_grads = grad_fn(model, xm, ym)
                 loss = loss + micro_loss / accum
                 grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
@@ -239,17 +256,18 @@ class Trainer:
                 grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
             else:
                 norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
-            if not guard:
-                optimizer.update(model, grads)
-                return loss, norm
-            # --skip_nonfinite: a step with a non-finite loss or gradient leaves weights and optimizer untouched.
-            finite = mx.isfinite(loss) & mx.isfinite(norm)
-            old_params = model.parameters()
-            old_state = tree_map(lambda a: a, optimizer.state)  # new containers: update() mutates in place
+            if guard:
+                old_params = model.parameters()
+                old_state = tree_map(lambda a: a, optimizer.state)  # new containers: update() mutates in place
             optimizer.update(model, grads)
-            keep = partial(mx.where, finite)
-            model.update(tree_map(keep, model.parameters(), old_params))
-            optimizer.state.update(tree_map(keep, optimizer.state, old_state))
+            if guard:
+                # --skip_nonfinite: a non-finite loss or gradient leaves weights and optimizer untouched.
+                keep = partial(mx.where, mx.isfinite(loss) & mx.isfinite(norm))
+                model.update(tree_map(keep, model.parameters(), old_params))
+                optimizer.state.update(tree_map(keep, optimizer.state, old_state))
+            if ema is not None:
+                decay = ema_decay_at(cfg.ema_decay, optimizer.step)
+                ema.update(tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, model.parameters()))
             return loss, norm
 
         def eval_loss(x: mx.array, y: mx.array) -> mx.array:
@@ -257,7 +275,7 @@ class Trainer:
 
         if cfg.compile:
             # The model, the optimizer and the RNG (dropout) are state the compiled graph reads and writes.
-            state = [model.state, optimizer.state, mx.random.state]
+            state = [model.state, optimizer.state, mx.random.state] + ([ema] if ema is not None else [])
             self._step = mx.compile(step, inputs=state, outputs=state)
             self._eval_loss = mx.compile(eval_loss, inputs=[model.state])
         else:
@@ -270,7 +288,7 @@ class Trainer:
         mx.random.seed(self.cfg.seed * 1_000_003 + self.iter)
         self.model.train()
         loss, norm = self._step(mx.array(x), mx.array(y))
-        mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
+        mx.eval(loss, norm, self.model.parameters(), self.optimizer.state, self.ema or {})
         self.iter += 1
         return loss.item(), norm.item()
 
@@ -281,6 +299,17 @@ class Trainer:
         never changes what training sees.
         """
         self.model.eval()
+        out: dict[str, float] = {}
+        if self.ema is not None:  # the same batches through the EMA weights, then back to the raw ones
+            raw = self.model.parameters()
+            self.model.update(self.ema)
+            out.update({f"ema_{k}": v for k, v in self._split_losses().items()})
+            self.model.update(raw)
+        out.update(self._split_losses())
+        self.model.train()
+        return out
+
+    def _split_losses(self) -> dict[str, float]:
         out = {}
         for index, (split, tokens) in enumerate((("train", self.dataset.train), ("val", self.dataset.val))):
             sampler = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
@@ -290,7 +319,6 @@ class Trainer:
                 x, y = sampler.next_batch()
                 losses.append(self._eval_loss(mx.array(x), mx.array(y)))
             out[split] = mx.mean(mx.stack(losses)).item()
-        self.model.train()
         return out
 
     # -- files ---------------------------------------------------------------------
@@ -336,11 +364,15 @@ class Trainer:
 
     def _evaluate(self, bar: tqdm) -> tuple[dict[str, float], bool]:
         losses = self.estimate_loss()
-        is_best = self.best_val_loss is None or losses["val"] < self.best_val_loss
+        val = min(losses["val"], losses.get("ema_val", math.inf))  # best.npz follows the better of raw and EMA
+        is_best = self.best_val_loss is None or val < self.best_val_loss
         if is_best:
-            self.best_val_loss = losses["val"]
-        bar.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        self.metrics({"iter": self.iter, "train_loss": losses["train"], "val_loss": losses["val"], "time": time.time()})
+            self.best_val_loss = val
+        line = f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        if "ema_val" in losses:
+            line += f" (EMA: train {losses['ema_train']:.4f}, val {losses['ema_val']:.4f})"
+        bar.write(line)
+        self.metrics({"iter": self.iter, **{f"{k}_loss": v for k, v in losses.items()}, "time": time.time()})
         return losses, is_best
 
     def run(self, device: str = "cpu") -> TrainResult:
@@ -380,6 +412,8 @@ class Trainer:
                     tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                     lr = self.optimizer.learning_rate.item()
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                    if bar.disable:  # no terminal (a log file, CI): plain lines instead of the bar
+                        bar.write(f"iter {self.iter}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s")
                     self.metrics({"iter": self.iter, "loss": loss, "lr": lr, "grad_norm": norm,
                                   "tokens_per_s": tok_s, "time": time.time()})
                     if not eta_told and device == "cpu":
