@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -184,7 +185,11 @@ class Trainer:
     def __init__(self, model_cfg: GPTConfig, train_cfg: TrainConfig, dataset: Dataset, tokenizer: CharTokenizer,
                  resume: Checkpoint | None = None, log: Callable[[str], None] = print) -> None:
         self.model_cfg, self.cfg, self.dataset, self.tokenizer = model_cfg, train_cfg, dataset, tokenizer
-        self.log = log
+        # Data parallelism (mlx.launch): a size-1 group when launched as a plain process.
+        self.group = mx.distributed.init()
+        self.rank, self.world_size = self.group.rank(), self.group.size()
+        self.is_main = self.rank == 0  # only rank 0 writes files, logs and draws the progress bar
+        self.log = log if self.is_main else (lambda _: None)
         self.out_dir = Path(train_cfg.out_dir)
         mx.random.seed(train_cfg.seed)  # model init
         self.model = GPT(model_cfg)
@@ -193,11 +198,11 @@ class Trainer:
         # The EMA copy: one entry per parameter (a tied embedding/head is one parameter, averaged once).
         self.ema: dict | None = tree_map(mx.array, self.model.parameters()) if train_cfg.ema_decay > 0 else None
         batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps
-        self.sampler = BatchSampler(dataset.train, model_cfg.block_size, batch, train_cfg.seed)
+        self.sampler = BatchSampler(dataset.train, model_cfg.block_size, batch, train_cfg.seed,
+                                    self.rank, self.world_size)
         self.iter = 0
         self.best_val_loss: float | None = None
         self.nonfinite_skipped = 0
-        self.last_saved_iter: int | None = None
         if resume is not None:
             self._restore(resume)
         mx.eval(self.model.parameters(), self.optimizer.state)
@@ -222,7 +227,6 @@ class Trainer:
         if ckpt.data_rng is not None:
             self.sampler.set_state(ckpt.data_rng)
         self.iter, self.best_val_loss = ckpt.iter, ckpt.best_val_loss
-        self.last_saved_iter = ckpt.iter
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -242,6 +246,7 @@ class Trainer:
         grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
         guard = cfg.skip_nonfinite > 0
         ema = self.ema
+        world_size = self.world_size
 
         def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
             # x, y: [accum * batch, T]; gradients are averaged over the micro-batches.
@@ -252,6 +257,9 @@ class Trainer:
                 grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             if accum > 1:
                 grads = tree_map(lambda g: g / accum, grads)
+            if world_size > 1:  # every rank gets the mean over the global batch
+                grads = nn.average_gradients(grads)
+                loss = mx.distributed.all_sum(loss) / world_size
             if cfg.grad_clip > 0:
                 grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
             else:
@@ -271,7 +279,8 @@ class Trainer:
             return loss, norm
 
         def eval_loss(x: mx.array, y: mx.array) -> mx.array:
-            return loss_fn(model, x, y)
+            loss = loss_fn(model, x, y)
+            return mx.distributed.all_sum(loss) / world_size if world_size > 1 else loss
 
         if cfg.compile:
             # The model, the optimizer and the RNG (dropout) are state the compiled graph reads and writes.
@@ -313,7 +322,7 @@ class Trainer:
         out = {}
         for index, (split, tokens) in enumerate((("train", self.dataset.train), ("val", self.dataset.val))):
             sampler = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
-                                   [self.cfg.seed, self.iter, index])
+                                   [self.cfg.seed, self.iter, index], self.rank, self.world_size)
             losses = []
             for _ in range(self.cfg.eval_iters):
                 x, y = sampler.next_batch()
@@ -324,7 +333,11 @@ class Trainer:
     # -- files ---------------------------------------------------------------------
 
     def save(self, is_best: bool, signals: StopSignals | None = None) -> Path | None:
-        """Write gpt-<time>-step<N>.npz, then point latest.npz (and best.npz) at it; prune old ones."""
+        """Write gpt-<time>-step<N>.npz, then point latest.npz (and best.npz) at it; prune old ones.
+
+        Only rank 0 writes (every rank holds the same weights)."""
+        if not self.is_main:
+            return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = self.out_dir / f"gpt-{stamp}-step{self.iter}.npz"
         if signals is not None:
@@ -346,7 +359,6 @@ class Trainer:
         finally:
             if signals is not None:
                 signals.saving = False
-        self.last_saved_iter = self.iter
         self._prune()
         return path
 
@@ -357,12 +369,19 @@ class Trainer:
             old.unlink(missing_ok=True)  # latest/best are separate links or copies: never touched
 
     def metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     # -- the loop -----------------------------------------------------------------
 
-    def _evaluate(self, bar: tqdm) -> tuple[dict[str, float], bool]:
+    def say(self, message: str) -> None:
+        """A log line above the progress bar (rank 0 only)."""
+        if self.is_main:
+            tqdm.write(message, file=sys.stdout)
+
+    def _evaluate(self) -> tuple[dict[str, float], bool]:
         losses = self.estimate_loss()
         val = min(losses["val"], losses.get("ema_val", math.inf))  # best.npz follows the better of raw and EMA
         is_best = self.best_val_loss is None or val < self.best_val_loss
@@ -371,41 +390,65 @@ class Trainer:
         line = f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         if "ema_val" in losses:
             line += f" (EMA: train {losses['ema_train']:.4f}, val {losses['ema_val']:.4f})"
-        bar.write(line)
+        self.say(line)
         self.metrics({"iter": self.iter, **{f"{k}_loss": v for k, v in losses.items()}, "time": time.time()})
         return losses, is_best
 
+    def _check_finite(self, loss: float, norm: float) -> None:
+        """Stop at a non-finite step, or skip it (the compiled step left the weights untouched)."""
+        if math.isfinite(loss) and math.isfinite(norm):
+            return
+        self.nonfinite_skipped += 1
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        if self.nonfinite_skipped > self.cfg.skip_nonfinite:
+            last = self.out_dir / "latest.npz"
+            raise MlxGptError(
+                f"non-finite {what} ({value}) at iter {self.iter}: stopped; the last good checkpoint is "
+                f"{last if last.exists() else '(none saved yet)'}; lower --learning_rate, "
+                "or pass --skip_nonfinite N to skip such steps"
+            )
+        self.say(f"iter {self.iter}: non-finite {what}, step skipped "
+                 f"({self.nonfinite_skipped}/{self.cfg.skip_nonfinite})")
+
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
+        if self.world_size == 1:
+            return bool(signals.requested)
+        return mx.distributed.all_sum(mx.array(int(bool(signals.requested)))).item() > 0
+
     def run(self, device: str = "cpu") -> TrainResult:
+        try:
+            return self._run(device)
+        except RuntimeError as exc:
+            if self.world_size == 1:
+                raise
+            # The distributed backend lost a peer (killed rank, network): stop instead of hanging.
+            raise MlxGptError(f"rank {self.rank}: lost contact with the other processes ({exc}); stopping at iter "
+                              f"{self.iter}; resume from {self.out_dir / 'latest.npz'} with --resume") from None
+
+    def _run(self, device: str) -> TrainResult:
         cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with OutDirLock(self.out_dir), StopSignals() as signals:
-            for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
-            tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * self.model_cfg.block_size
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutDirLock(self.out_dir) if self.is_main else contextlib.nullcontext()
+        with lock, StopSignals() as signals:
+            if self.is_main:
+                for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+                    stale.unlink(missing_ok=True)
+            tokens_per_step = (cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size
+                               * self.model_cfg.block_size)
             bar = tqdm(total=cfg.max_iters, initial=self.iter, desc="train", dynamic_ncols=True,
-                       disable=None, file=sys.stdout)
+                       disable=None if self.is_main else True, file=sys.stdout)
             losses: dict[str, float] = {}
             saved: Path | None = None
             if self.iter == 0:
-                losses, _ = self._evaluate(bar)
+                losses, _ = self._evaluate()
             window_start, window_steps, eta_told = time.perf_counter(), 0, False
-            loss = None
-            while self.iter < cfg.max_iters and not signals.requested:
+            loss, stop = None, False
+            while self.iter < cfg.max_iters and not stop:
                 loss, norm = self.train_step()
                 window_steps += 1
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    self.nonfinite_skipped += 1
-                    what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    if self.nonfinite_skipped > cfg.skip_nonfinite:
-                        bar.close()
-                        last = self.out_dir / "latest.npz"
-                        raise MlxGptError(
-                            f"non-finite {what} ({loss if what == 'loss' else norm}) at iter {self.iter}: "
-                            f"stopped; the last good checkpoint is {last if last.exists() else '(none saved yet)'}; "
-                            "lower --learning_rate, or pass --skip_nonfinite N to skip such steps"
-                        )
-                    bar.write(f"iter {self.iter}: non-finite {what}, step skipped "
-                              f"({self.nonfinite_skipped}/{cfg.skip_nonfinite})")
+                self._check_finite(loss, norm)
                 bar.update(1)
                 if self.iter % cfg.log_interval == 0 or self.iter == cfg.max_iters:
                     elapsed = time.perf_counter() - window_start
@@ -413,30 +456,27 @@ class Trainer:
                     lr = self.optimizer.learning_rate.item()
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                     if bar.disable:  # no terminal (a log file, CI): plain lines instead of the bar
-                        bar.write(f"iter {self.iter}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s")
+                        self.say(f"iter {self.iter}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s")
                     self.metrics({"iter": self.iter, "loss": loss, "lr": lr, "grad_norm": norm,
                                   "tokens_per_s": tok_s, "time": time.time()})
-                    if not eta_told and device == "cpu":
-                        eta_told = True
-                        eta = elapsed / window_steps * (cfg.max_iters - self.iter)
-                        if eta > 15 * 60:
-                            bar.write(f"note: training on the CPU, ~{elapsed / window_steps:.2f} s/iter: about "
-                                      f"{eta / 3600:.1f} h to go (try --config baby for a quick run)")
+                    eta = elapsed / window_steps * (cfg.max_iters - self.iter)
+                    if not eta_told and device == "cpu" and eta > 15 * 60:
+                        self.say(f"note: training on the CPU, ~{elapsed / window_steps:.2f} s/iter: about "
+                                 f"{eta / 3600:.1f} h to go (try --config baby for a quick run)")
+                    eta_told = True
                     window_start, window_steps = time.perf_counter(), 0
+                stop = self._stop_requested(signals)
                 done = self.iter == cfg.max_iters
                 is_best = False
                 if self.iter % cfg.eval_interval == 0 or done:
-                    losses, is_best = self._evaluate(bar)
-                if self.iter % cfg.checkpoint_interval == 0 or done or is_best or signals.requested:
+                    losses, is_best = self._evaluate()
+                if self.iter % cfg.checkpoint_interval == 0 or done or is_best or stop:
                     saved = self.save(is_best, signals) or saved
             bar.close()
-            if signals.requested and self.last_saved_iter != self.iter:
-                saved = self.save(False, signals) or saved
-            if signals.requested:
-                where = saved or (self.out_dir / "latest.npz")
-                self.log(f"interrupted at iter {self.iter}: checkpoint saved to {where}")
+            if stop:
+                self.log(f"interrupted at iter {self.iter}: checkpoint saved to {saved or self.out_dir / 'latest.npz'}")
             return TrainResult(self.iter, losses.get("train", loss), losses.get("val"), self.best_val_loss,
-                               saved, bool(signals.requested))
+                               saved, stop)
 
 
 # ----------------------------------------------------------------------------- entry point
