@@ -496,15 +496,18 @@ def resolve_resume(out_dir: Path, ckpt: str | None) -> Checkpoint:
         raise
 
 
-def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str) -> str:
-    tokens = cfg.batch_size * cfg.gradient_accumulation_steps * model_cfg.block_size
+def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str,
+           world_size: int = 1) -> str:
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    processes = f" x {world_size} processes" if world_size > 1 else ""
     lines = [
         backend.describe_device(device),
         f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.val):,} val characters, "
         f"vocab {model_cfg.vocab_size})",
         f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, block "
         f"{model_cfg.block_size}; number of parameters: {model.num_params() / 1e6:.2f}M",
-        f"batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation = {tokens:,} tokens per step; "
+        f"batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes} = {sequences} "
+        f"sequences ({sequences * model_cfg.block_size:,} tokens) per step; "
         f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
     ]
     if backend.blas_hint and device == "cpu":
@@ -520,7 +523,7 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, resume: Checkpoint | Non
     if resume is None and model_cfg.vocab_size != tokenizer.vocab_size:
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, resume=resume, log=log)
-    log(banner(trainer.model, model_cfg, train_cfg, dataset, device))
+    trainer.log(banner(trainer.model, model_cfg, train_cfg, dataset, device, trainer.world_size))
     if resume is not None:
-        log(f"resuming from {resume.path} at iter {resume.iter}")
+        trainer.log(f"resuming from {resume.path} at iter {resume.iter}")
     return trainer.run(device)
