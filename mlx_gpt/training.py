@@ -323,11 +323,11 @@ class Trainer:
         for index, (split, tokens) in enumerate((("train", self.dataset.train), ("val", self.dataset.val))):
             sampler = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
                                    [self.cfg.seed, self.iter, index], self.rank, self.world_size)
-            losses = []
-            for _ in range(self.cfg.eval_iters):
+            total = 0.0
+            for _ in range(self.cfg.eval_iters):  # one batch at a time: a lazy graph of all would hold them all
                 x, y = sampler.next_batch()
-                losses.append(self._eval_loss(mx.array(x), mx.array(y)))
-            out[split] = mx.mean(mx.stack(losses)).item()
+                total += self._eval_loss(mx.array(x), mx.array(y)).item()
+            out[split] = total / self.cfg.eval_iters
         return out
 
     # -- files ---------------------------------------------------------------------

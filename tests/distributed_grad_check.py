@@ -1,19 +1,20 @@
 """Run under `mlx.launch -n 2`: the averaged per-rank gradients must equal the single-process gradient
 of the concatenated batch. Rank 0 prints `max abs difference: X`."""
+# ruff: noqa: I001, E402  (mlx_gpt must be imported before mlx.core: it loads OpenBLAS first)
 
-import mlx_gpt  # noqa: F401  (OpenBLAS before mlx.core)
+import mlx_gpt  # noqa: F401
 
-import sys  # noqa: E402
+import sys
 
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
 
-from mlx_gpt.config import GPTConfig  # noqa: E402
-from mlx_gpt.data import BatchSampler  # noqa: E402
-from mlx_gpt.model import GPT  # noqa: E402
-from mlx_gpt.training import loss_fn  # noqa: E402
+from mlx_gpt.config import GPTConfig
+from mlx_gpt.data import BatchSampler
+from mlx_gpt.model import GPT
+from mlx_gpt.training import loss_fn
 
 group = mx.distributed.init()
 rank, world = group.rank(), group.size()
