@@ -289,7 +289,6 @@ def test_training_learns_a_few_dates() -> None:
     assert np.mean(right) == history[-1][1]
 
 
-@pytest.mark.slow
 def test_train_script_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "dates.npz"
     proc = subprocess.run(
