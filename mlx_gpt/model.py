@@ -27,7 +27,10 @@ ACTIVATION_FUNCTIONS = {
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention with one fused q/k/v projection."""
+    """Multi-head self-attention with one fused q/k/v projection.
+
+    Causal by default; an encoder calls it with a padding mask only (bidirectional).
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -51,6 +54,35 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from decoder queries to encoder keys/values (the source is all known: no causal mask)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def key_values(self, encoder_hidden_states: mx.array) -> tuple[mx.array, mx.array]:
+        """Keys and values [B, n_head, S, head_dim] of ``encoder_hidden_states`` [B, S, C].
+
+        Separate from ``__call__`` so that decoding computes them once per source, not once per token.
+        """
+        B, S, _ = encoder_hidden_states.shape
+        k, v = mx.split(self.c_kv(encoder_hidden_states), 2, axis=-1)
+        return tuple(t.reshape(B, S, self.n_head, -1).transpose(0, 2, 1, 3) for t in (k, v))
+
+    def __call__(self, x: mx.array, encoder_kv: tuple[mx.array, mx.array], mask: Mask = None) -> mx.array:
+        B, T, C = x.shape
+        q = self.c_q(x).reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3)
+        k, v = encoder_kv
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward network, 4x wide."""
 
@@ -66,17 +98,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-    def __init__(self, config: GPTConfig) -> None:
+    With ``cross_attention=True`` (the decoder of an encoder-decoder model) a third residual
+    sub-layer sits between the two: x + cross_attn(ln_cross(x), encoder keys/values).
+    """
+
+    def __init__(self, config: GPTConfig, cross_attention: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        if cross_attention:
+            self.ln_cross = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.cross_attn = CrossAttention(config)
 
-    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None,
+                 encoder_kv: tuple[mx.array, mx.array] | None = None, encoder_mask: Mask = None) -> mx.array:
+        """``encoder_kv``: the encoder's keys/values from ``cross_attn.key_values`` (computed once per
+        source); ``encoder_mask``: which of them each query may see (e.g. not the source's PAD positions)."""
         x = x + self.attn(self.ln_1(x), mask=mask, cache=cache)
+        if encoder_kv is not None:
+            x = x + self.cross_attn(self.ln_cross(x), encoder_kv, mask=encoder_mask)
         return x + self.mlp(self.ln_2(x))
 
 
