@@ -56,7 +56,7 @@ def main() -> int:
         sys.stdout.write("\n")
         return 0
     for chars in steps:
-        texts = [t + c for t, c in zip(texts, chars)]
+        texts = [t + c for t, c in zip(texts, chars, strict=True)]
     print(("\n" + "-" * 40 + "\n").join(texts))
     return 0
 

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--keep_last", type=cli.nonnegative_int, help="timestamped checkpoints to keep (0: all)")
     t.add_argument("--on_save_error", choices=("stop", "warn"))
     t.add_argument("--skip_nonfinite", type=cli.nonnegative_int, help="non-finite steps to skip before stopping")
+    t.add_argument("--ema_decay", type=cli.unit_interval, help="EMA of the weights (0: off), e.g. 0.999")
+    t.add_argument("--label_smoothing", type=cli.unit_interval, help="label smoothing of the training loss")
     t.add_argument("--seed", type=cli.any_int)
     t.add_argument("--compile", action=argparse.BooleanOptionalAction)
     r = p.add_argument_group("run")
@@ -71,7 +73,8 @@ def main() -> int:
         fixed = resume.config.to_dict()
         changed = [k for k in MODEL_FLAGS if k in explicit and explicit[k] != fixed[k]]
         if changed:
-            raise MlxGptError(f"--resume takes the model's shape from the checkpoint; drop {', '.join('--' + k for k in changed)}")
+            flags = ", ".join("--" + k for k in changed)
+            raise MlxGptError(f"--resume takes the model's shape from the checkpoint; drop {flags}")
         values = {**(resume.train or {}), **values, **fixed}
         values.pop("out_dir", None)
     values.update(explicit)

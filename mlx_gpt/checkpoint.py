@@ -170,7 +170,9 @@ class Checkpoint:
         """Read and validate a checkpoint; any problem is one MlxGptError naming the file."""
         path = Path(path)
         if not path.is_file():
-            raise MlxGptError(f"checkpoint {path} does not exist; train one first (python train.py) or pass --ckpt PATH")
+            raise MlxGptError(
+                f"checkpoint {path} does not exist; train one first (python train.py) or pass --ckpt PATH"
+            )
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
@@ -202,7 +204,8 @@ class Checkpoint:
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise fail(f"invalid format version {version!r}")
         if version > VERSION:
-            raise fail(f"written by a newer mlx-gpt (format version {version}, this one reads <= {VERSION}); upgrade mlx-gpt")
+            raise fail(f"written by a newer mlx-gpt (format version {version}, this one reads <= {VERSION}); "
+                       "upgrade mlx-gpt")
         if meta.get("checksum") != arrays_checksum(arrays):
             raise fail("checksum mismatch: the file is corrupt; use another checkpoint with --ckpt")
         try:
@@ -247,7 +250,10 @@ def _config_mismatch(config: GPTConfig, model: dict[str, np.ndarray]) -> str | N
             return f"{name} has shape {tuple(model[name].shape)}, the config implies {shape}"
     layers = {name.split(".")[1] for name in model if name.startswith("h.") and name.count(".") >= 2}
     if len(layers) != config.n_layer or not all(i.isdigit() and int(i) < config.n_layer for i in layers):
-        return f"weights for {len(layers)} layers, config.n_layer is {config.n_layer}"
+        # Name a few missing layers (never range over a huge n_layer from a corrupt header).
+        missing = [f"h.{i}." for i in range(min(config.n_layer, len(layers) + 3)) if str(i) not in layers]
+        return (f"config.n_layer is {config.n_layer} but the weights hold {len(layers)} layers"
+                + (f": missing {', '.join(missing)}" if missing else ""))
     return None
 
 
@@ -265,7 +271,8 @@ def check_arrays(
     if unexpected:
         problems.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
     if wrong:
-        problems.append("wrong shape " + ", ".join(f"{k} {weights[k].shape} (expected {expected[k]})" for k in wrong[:3]))
+        shapes = ", ".join(f"{k} {weights[k].shape} (expected {expected[k]})" for k in wrong[:3])
+        problems.append(f"wrong shape {shapes}")
     if not_numeric:
         problems.append(f"non-numeric dtype in {', '.join(not_numeric[:3])}")
     if problems:

@@ -99,6 +99,8 @@ class TrainConfig:
     keep_last: int = 5  # timestamped checkpoints kept; 0 keeps all
     on_save_error: str = "stop"  # stop | warn
     skip_nonfinite: int = 0  # non-finite steps that may be skipped before stopping
+    ema_decay: float = 0.0  # 0: off; else keep an exponential moving average of the weights
+    label_smoothing: float = 0.0  # in the training loss only; eval reports plain cross-entropy
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -112,6 +114,8 @@ class TrainConfig:
             _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
         _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
         for name in ("beta1", "beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("ema_decay", "label_smoothing"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.on_save_error in ("stop", "warn"),
                  f"on_save_error must be 'stop' or 'warn', got {self.on_save_error!r}")

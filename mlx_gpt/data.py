@@ -90,19 +90,26 @@ def read_text(path: Path) -> str:
 class BatchSampler:
     """Random contiguous windows of ``block_size + 1`` tokens from one split, from a seeded numpy Generator.
 
-    ``state()``/``set_state()`` save and restore the generator (JSON-able) for exact resume.
+    In data-parallel training every rank holds the same generator and draws the same global batch of
+    ``batch_size * world_size`` window starts, then keeps only its own ``batch_size`` rows: the ranks'
+    shares are disjoint, and together they are exactly the batch a single process with
+    ``batch_size * world_size`` would draw. The generator state is therefore the same on every rank and
+    does not depend on the world size: ``state()``/``set_state()`` (JSON-able) resume on any number of ranks.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int | list[int]) -> None:
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int | list[int],
+                 rank: int = 0, world_size: int = 1) -> None:
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
         self.rng = np.random.default_rng(seed)
         self._window = np.arange(block_size + 1)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        windows = self.tokens[starts[:, None] + self._window]
+        starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size * self.world_size)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        windows = self.tokens[mine[:, None] + self._window]
         return windows[:, :-1], windows[:, 1:]
 
     def state(self) -> dict[str, Any]:
@@ -132,7 +139,9 @@ class Dataset:
                 )
 
     @classmethod
-    def load(cls, data: str | None, block_size: int, tokenizer: CharTokenizer | None = None) -> tuple[Dataset, CharTokenizer]:
+    def load(
+        cls, data: str | None, block_size: int, tokenizer: CharTokenizer | None = None
+    ) -> tuple[Dataset, CharTokenizer]:
         """Read the data file; build the tokenizer from it unless one is given (on resume)."""
         path = resolve_data_path(data)
         text = read_text(path)

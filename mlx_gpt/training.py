@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -65,9 +66,16 @@ def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
     return lr
 
 
-def loss_fn(model: GPT, x: mx.array, y: mx.array) -> mx.array:
+def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
     logits = model(x)
-    return nn.losses.cross_entropy(logits, y, reduction="mean")
+    return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
+
+
+def ema_decay_at(decay: float, step: mx.array) -> mx.array:
+    """The EMA decay at an optimizer step, ramped up early ((1 + t) / (10 + t)) so the average is not
+    dominated by the random init in short runs."""
+    t = step.astype(mx.float32)
+    return mx.minimum(decay, (1.0 + t) / (10.0 + t))
 
 
 # ----------------------------------------------------------------------------- out_dir housekeeping
@@ -184,14 +192,21 @@ class Trainer:
     def __init__(self, model_cfg: GPTConfig, train_cfg: TrainConfig, dataset: Dataset, tokenizer: CharTokenizer,
                  resume: Checkpoint | None = None, log: Callable[[str], None] = print) -> None:
         self.model_cfg, self.cfg, self.dataset, self.tokenizer = model_cfg, train_cfg, dataset, tokenizer
-        self.log = log
+        # Data parallelism (mlx.launch): a size-1 group when launched as a plain process.
+        self.group = mx.distributed.init()
+        self.rank, self.world_size = self.group.rank(), self.group.size()
+        self.is_main = self.rank == 0  # only rank 0 writes files, logs and draws the progress bar
+        self.log = log if self.is_main else (lambda _: None)
         self.out_dir = Path(train_cfg.out_dir)
         mx.random.seed(train_cfg.seed)  # model init
         self.model = GPT(model_cfg)
         self.optimizer = AdamW(lr_schedule(train_cfg), (train_cfg.beta1, train_cfg.beta2), train_cfg.weight_decay)
         self.optimizer.init(self.model.trainable_parameters())
+        # The EMA copy: one entry per parameter (a tied embedding/head is one parameter, averaged once).
+        self.ema: dict | None = tree_map(mx.array, self.model.parameters()) if train_cfg.ema_decay > 0 else None
         batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps
-        self.sampler = BatchSampler(dataset.train, model_cfg.block_size, batch, train_cfg.seed)
+        self.sampler = BatchSampler(dataset.train, model_cfg.block_size, batch, train_cfg.seed,
+                                    self.rank, self.world_size)
         self.iter = 0
         self.best_val_loss: float | None = None
         self.nonfinite_skipped = 0
@@ -212,6 +227,12 @@ class Trainer:
         check_arrays(ckpt.path, "optimizer state", expected_opt, ckpt.optimizer)
         self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in ckpt.optimizer.items()])
         self.optimizer.init(self.model.trainable_parameters())
+        if self.ema is not None:
+            if ckpt.ema:
+                check_arrays(ckpt.path, "EMA weights", expected, ckpt.ema)
+                self.ema.update(tree_unflatten([(k, mx.array(v)) for k, v in ckpt.ema.items()]))
+            else:  # EMA switched on for a run that had none: start it from the current weights
+                self.ema.update(tree_map(mx.array, self.model.parameters()))
         if ckpt.data_rng is not None:
             self.sampler.set_state(ckpt.data_rng)
         self.iter, self.best_val_loss = ckpt.iter, ckpt.best_val_loss
@@ -222,6 +243,7 @@ class Trainer:
             config=self.model_cfg, tokenizer=self.tokenizer,
             model={k: np.array(v) for k, v in tree_flatten(self.model.parameters())},
             optimizer={k: np.array(v) for k, v in tree_flatten(self.optimizer.state)},
+            ema={k: np.array(v) for k, v in tree_flatten(self.ema)} if self.ema is not None else {},
             train=self.cfg.to_dict(), iter=self.iter, best_val_loss=self.best_val_loss,
             data_rng=self.sampler.state(),
         )
@@ -231,41 +253,48 @@ class Trainer:
     def _build_steps(self) -> None:
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
         accum = cfg.gradient_accumulation_steps
-        grad_fn = nn.value_and_grad(model, loss_fn)
+        grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
         guard = cfg.skip_nonfinite > 0
+        ema = self.ema
+        world_size = self.world_size
 
         def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
             # x, y: [accum * batch, T]; gradients are averaged over the micro-batches.
             loss, grads = mx.array(0.0), None
-            for xm, ym in zip(mx.split(x, accum), mx.split(y, accum)):
+            for xm, ym in zip(mx.split(x, accum), mx.split(y, accum), strict=True):
                 micro_loss, micro_grads = grad_fn(model, xm, ym)
                 loss = loss + micro_loss / accum
                 grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             if accum > 1:
                 grads = tree_map(lambda g: g / accum, grads)
+            if world_size > 1:  # every rank gets the mean over the global batch
+                grads = nn.average_gradients(grads)
+                loss = mx.distributed.all_sum(loss) / world_size
             if cfg.grad_clip > 0:
                 grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
             else:
                 norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
-            if not guard:
-                optimizer.update(model, grads)
-                return loss, norm
-            # --skip_nonfinite: a step with a non-finite loss or gradient leaves weights and optimizer untouched.
-            finite = mx.isfinite(loss) & mx.isfinite(norm)
-            old_params = model.parameters()
-            old_state = tree_map(lambda a: a, optimizer.state)  # new containers: update() mutates in place
+            if guard:
+                old_params = model.parameters()
+                old_state = tree_map(lambda a: a, optimizer.state)  # new containers: update() mutates in place
             optimizer.update(model, grads)
-            keep = partial(mx.where, finite)
-            model.update(tree_map(keep, model.parameters(), old_params))
-            optimizer.state.update(tree_map(keep, optimizer.state, old_state))
+            if guard:
+                # --skip_nonfinite: a non-finite loss or gradient leaves weights and optimizer untouched.
+                keep = partial(mx.where, mx.isfinite(loss) & mx.isfinite(norm))
+                model.update(tree_map(keep, model.parameters(), old_params))
+                optimizer.state.update(tree_map(keep, optimizer.state, old_state))
+            if ema is not None:
+                decay = ema_decay_at(cfg.ema_decay, optimizer.step)
+                ema.update(tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, model.parameters()))
             return loss, norm
 
         def eval_loss(x: mx.array, y: mx.array) -> mx.array:
-            return loss_fn(model, x, y)
+            loss = loss_fn(model, x, y)
+            return mx.distributed.all_sum(loss) / world_size if world_size > 1 else loss
 
         if cfg.compile:
             # The model, the optimizer and the RNG (dropout) are state the compiled graph reads and writes.
-            state = [model.state, optimizer.state, mx.random.state]
+            state = [model.state, optimizer.state, mx.random.state] + ([ema] if ema is not None else [])
             self._step = mx.compile(step, inputs=state, outputs=state)
             self._eval_loss = mx.compile(eval_loss, inputs=[model.state])
         else:
@@ -278,7 +307,7 @@ class Trainer:
         mx.random.seed(self.cfg.seed * 1_000_003 + self.iter)
         self.model.train()
         loss, norm = self._step(mx.array(x), mx.array(y))
-        mx.eval(loss, norm, self.model.parameters(), self.optimizer.state)
+        mx.eval(loss, norm, self.model.parameters(), self.optimizer.state, self.ema or {})
         self.iter += 1
         return loss.item(), norm.item()
 
@@ -289,22 +318,36 @@ class Trainer:
         never changes what training sees.
         """
         self.model.eval()
+        out: dict[str, float] = {}
+        if self.ema is not None:  # the same batches through the EMA weights, then back to the raw ones
+            raw = self.model.parameters()
+            self.model.update(self.ema)
+            out.update({f"ema_{k}": v for k, v in self._split_losses().items()})
+            self.model.update(raw)
+        out.update(self._split_losses())
+        self.model.train()
+        return out
+
+    def _split_losses(self) -> dict[str, float]:
         out = {}
         for index, (split, tokens) in enumerate((("train", self.dataset.train), ("val", self.dataset.val))):
             sampler = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
-                                   [self.cfg.seed, self.iter, index])
-            losses = []
-            for _ in range(self.cfg.eval_iters):
+                                   [self.cfg.seed, self.iter, index], self.rank, self.world_size)
+            total = 0.0
+            for _ in range(self.cfg.eval_iters):  # one batch at a time: a lazy graph of all would hold them all
                 x, y = sampler.next_batch()
-                losses.append(self._eval_loss(mx.array(x), mx.array(y)))
-            out[split] = mx.mean(mx.stack(losses)).item()
-        self.model.train()
+                total += self._eval_loss(mx.array(x), mx.array(y)).item()
+            out[split] = total / self.cfg.eval_iters
         return out
 
     # -- files ---------------------------------------------------------------------
 
     def save(self, is_best: bool, signals: StopSignals | None = None) -> Path | None:
-        """Write gpt-<time>-step<N>.npz, then point latest.npz (and best.npz) at it; prune old ones."""
+        """Write gpt-<time>-step<N>.npz, then point latest.npz (and best.npz) at it; prune old ones.
+
+        Only rank 0 writes (every rank holds the same weights)."""
+        if not self.is_main:
+            return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path = self.out_dir / f"gpt-{stamp}-step{self.iter}.npz"
         if signals is not None:
@@ -337,6 +380,8 @@ class Trainer:
             old.unlink(missing_ok=True)  # latest/best are separate links or copies: never touched
 
     def metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         path = self.out_dir / "metrics.jsonl"
         try:
             with open(path, "a", encoding="utf-8") as f:
@@ -349,83 +394,115 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------
 
-    def _evaluate(self, bar: tqdm) -> tuple[dict[str, float], bool]:
+    def say(self, message: str) -> None:
+        """A log line above the progress bar (rank 0 only)."""
+        if self.is_main:
+            tqdm.write(message, file=sys.stdout)
+
+    def _evaluate(self) -> tuple[dict[str, float], bool]:
         losses = self.estimate_loss()
-        is_best = self.best_val_loss is None or losses["val"] < self.best_val_loss
+        val = min(losses["val"], losses.get("ema_val", math.inf))  # best.npz follows the better of raw and EMA
+        is_best = self.best_val_loss is None or val < self.best_val_loss
         if is_best:
-            self.best_val_loss = losses["val"]
-        bar.write(f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        self.metrics({"iter": self.iter, "train_loss": losses["train"], "val_loss": losses["val"], "time": time.time()})
+            self.best_val_loss = val
+        line = f"step {self.iter}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        if "ema_val" in losses:
+            line += f" (EMA: train {losses['ema_train']:.4f}, val {losses['ema_val']:.4f})"
+        self.say(line)
+        self.metrics({"iter": self.iter, **{f"{k}_loss": v for k, v in losses.items()}, "time": time.time()})
         return losses, is_best
 
+    def _check_finite(self, loss: float, norm: float) -> None:
+        """Stop at a non-finite step, or skip it (the compiled step left the weights untouched)."""
+        if math.isfinite(loss) and math.isfinite(norm):
+            return
+        self.nonfinite_skipped += 1
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        if self.nonfinite_skipped > self.cfg.skip_nonfinite:
+            last = self.out_dir / "latest.npz"
+            raise MlxGptError(
+                f"non-finite {what} ({value}) at iter {self.iter}: stopped; the last good checkpoint is "
+                f"{last if last.exists() else '(none saved yet)'}; lower --learning_rate, "
+                "or pass --skip_nonfinite N to skip such steps"
+            )
+        self.say(f"iter {self.iter}: non-finite {what}, step skipped "
+                 f"({self.nonfinite_skipped}/{self.cfg.skip_nonfinite})")
+
+    def _stop_requested(self, signals: StopSignals) -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
+        if self.world_size == 1:
+            return bool(signals.requested)
+        return mx.distributed.all_sum(mx.array(int(bool(signals.requested)))).item() > 0
+
     def run(self, device: str = "cpu") -> TrainResult:
-        cfg = self.cfg
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise MlxGptError(f"cannot create out_dir {self.out_dir}: {exc.strerror or exc}; "
-                              "pass another --out_dir") from None
-        with OutDirLock(self.out_dir), StopSignals() as signals:
-            for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
-            tokens_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * self.model_cfg.block_size
+            return self._run(device)
+        except RuntimeError as exc:
+            if self.world_size == 1:
+                raise
+            # The distributed backend lost a peer (killed rank, network): stop instead of hanging.
+            raise MlxGptError(f"rank {self.rank}: lost contact with the other processes ({exc}); stopping at iter "
+                              f"{self.iter}; resume from {self.out_dir / 'latest.npz'} with --resume") from None
+
+    def _run(self, device: str) -> TrainResult:
+        cfg = self.cfg
+        if self.is_main:
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise MlxGptError(f"cannot create out_dir {self.out_dir}: {exc.strerror or exc}; "
+                                  "pass another --out_dir") from None
+        lock = OutDirLock(self.out_dir) if self.is_main else contextlib.nullcontext()
+        with lock, StopSignals() as signals:
+            if self.is_main:
+                for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+                    stale.unlink(missing_ok=True)
+            tokens_per_step = (cfg.batch_size * cfg.gradient_accumulation_steps * self.world_size
+                               * self.model_cfg.block_size)
             bar = tqdm(total=cfg.max_iters, initial=self.iter, desc="train", dynamic_ncols=True,
-                       disable=None, file=sys.stdout)
+                       disable=None if self.is_main else True, file=sys.stdout)
             losses: dict[str, float] = {}
             saved: Path | None = None
             if self.iter == 0:
-                losses, _ = self._evaluate(bar)
+                losses, _ = self._evaluate()
             window_start, window_steps, eta_told = time.perf_counter(), 0, False
-            loss = None
-            while self.iter < cfg.max_iters and not signals.requested:
+            loss, stop = None, False
+            while self.iter < cfg.max_iters and not stop:
                 loss, norm = self.train_step()
                 window_steps += 1
-                if not (math.isfinite(loss) and math.isfinite(norm)):
-                    self.nonfinite_skipped += 1
-                    what = "loss" if not math.isfinite(loss) else "gradient norm"
-                    if self.nonfinite_skipped > cfg.skip_nonfinite:
-                        bar.close()
-                        last = self.out_dir / "latest.npz"
-                        raise MlxGptError(
-                            f"non-finite {what} ({loss if what == 'loss' else norm}) at iter {self.iter}: "
-                            f"stopped; the last good checkpoint is {last if last.exists() else '(none saved yet)'}; "
-                            "lower --learning_rate, or pass --skip_nonfinite N to skip such steps"
-                        )
-                    bar.write(f"iter {self.iter}: non-finite {what}, step skipped "
-                              f"({self.nonfinite_skipped}/{cfg.skip_nonfinite})")
+                self._check_finite(loss, norm)
                 bar.update(1)
                 if self.iter % cfg.log_interval == 0 or self.iter == cfg.max_iters:
                     elapsed = time.perf_counter() - window_start
                     tok_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                     lr = self.optimizer.learning_rate.item()
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                    if bar.disable:  # no terminal (a log file, CI): plain lines instead of the bar
+                        self.say(f"iter {self.iter}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s")
                     self.metrics({"iter": self.iter, "loss": loss, "lr": lr, "grad_norm": norm,
                                   "tokens_per_s": tok_s, "time": time.time()})
-                    if not eta_told and device == "cpu":
-                        eta_told = True
-                        eta = elapsed / window_steps * (cfg.max_iters - self.iter)
-                        if eta > 15 * 60:
-                            bar.write(f"note: training on the CPU, ~{elapsed / window_steps:.2f} s/iter: about "
-                                      f"{eta / 3600:.1f} h to go (try --config baby for a quick run)")
+                    eta = elapsed / window_steps * (cfg.max_iters - self.iter)
+                    if not eta_told and device == "cpu" and eta > 15 * 60:
+                        self.say(f"note: training on the CPU, ~{elapsed / window_steps:.2f} s/iter: about "
+                                 f"{eta / 3600:.1f} h to go (try --config baby for a quick run)")
+                    eta_told = True
                     window_start, window_steps = time.perf_counter(), 0
+                stop = self._stop_requested(signals)
                 done = self.iter == cfg.max_iters
                 is_best = False
                 if self.iter % cfg.eval_interval == 0 or done:
-                    losses, is_best = self._evaluate(bar)
-                if self.iter % cfg.checkpoint_interval == 0 or done or is_best or signals.requested:
+                    losses, is_best = self._evaluate()
+                if self.iter % cfg.checkpoint_interval == 0 or done or is_best or stop:
                     saved = self.save(is_best, signals) or saved
             bar.close()
-            if signals.requested and self.last_saved_iter != self.iter:
-                saved = self.save(False, signals) or saved
-            if signals.requested:
-                where = saved or (self.out_dir / "latest.npz")
-                self.log(f"interrupted at iter {self.iter}: checkpoint saved to {where}")
-            if self.last_saved_iter != self.iter:  # only after failed saves (--on_save_error warn)
+            if stop:
+                self.log(f"interrupted at iter {self.iter}: checkpoint saved to {saved or self.out_dir / 'latest.npz'}")
+            if self.is_main and self.last_saved_iter != self.iter:  # only after failed saves (--on_save_error warn)
                 held = "no checkpoint was written" if self.last_saved_iter is None else \
                     f"{self.out_dir / 'latest.npz'} holds iter {self.last_saved_iter}"
                 self.log(f"warning: iter {self.iter} was not saved; {held}")
             return TrainResult(self.iter, losses.get("train", loss), losses.get("val"), self.best_val_loss,
-                               saved, bool(signals.requested))
+                               saved, stop)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -445,15 +522,18 @@ def resolve_resume(out_dir: Path, ckpt: str | None) -> Checkpoint:
         raise
 
 
-def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str) -> str:
-    tokens = cfg.batch_size * cfg.gradient_accumulation_steps * model_cfg.block_size
+def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str,
+           world_size: int = 1) -> str:
+    sequences = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    processes = f" x {world_size} processes" if world_size > 1 else ""
     lines = [
         backend.describe_device(device),
         f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.val):,} val characters, "
         f"vocab {model_cfg.vocab_size})",
         f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, block "
         f"{model_cfg.block_size}; number of parameters: {model.num_params() / 1e6:.2f}M",
-        f"batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation = {tokens:,} tokens per step; "
+        f"batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes} = {sequences} "
+        f"sequences ({sequences * model_cfg.block_size:,} tokens) per step; "
         f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
     ]
     if backend.blas_hint and device == "cpu":
@@ -469,7 +549,7 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, resume: Checkpoint | Non
     if resume is None and model_cfg.vocab_size != tokenizer.vocab_size:
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, resume=resume, log=log)
-    log(banner(trainer.model, model_cfg, train_cfg, dataset, device))
+    trainer.log(banner(trainer.model, model_cfg, train_cfg, dataset, device, trainer.world_size))
     if resume is not None:
-        log(f"resuming from {resume.path} at iter {resume.iter}")
+        trainer.log(f"resuming from {resume.path} at iter {resume.iter}")
     return trainer.run(device)

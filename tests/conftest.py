@@ -10,22 +10,24 @@ from pathlib import Path
 import pytest
 
 import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
+from mlx_gpt.data import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def shakespeare_path() -> Path:
-    """Tests and CI never download: they use $MLX_GPT_DATA or ../shared/data/tinyshakespeare.txt."""
-    if os.environ.get("MLX_GPT_DATA"):
-        return Path(os.environ["MLX_GPT_DATA"])
-    return ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+def shakespeare_path() -> Path | None:
+    """Tests never download: $MLX_GPT_DATA, the copy beside the project (CI), or the one train.py cached."""
+    candidates = [Path(os.environ["MLX_GPT_DATA"])] if os.environ.get("MLX_GPT_DATA") else []
+    candidates += [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt", cache_dir() / "tinyshakespeare.txt"]
+    return next((path for path in candidates if path.is_file()), None)
 
 
 @pytest.fixture(scope="session")
 def shakespeare() -> Path:
     path = shakespeare_path()
-    if not path.is_file():
-        pytest.fail(f"Tiny Shakespeare not found at {path}; set MLX_GPT_DATA to a local copy")
+    if path is None:
+        pytest.fail("Tiny Shakespeare not found: run `python train.py` once (it downloads it) "
+                    "or set MLX_GPT_DATA to a local copy")
     return path
 
 

@@ -1,0 +1,502 @@
+"""PyTorch char-GPT checkpoints -> mlx-gpt checkpoints.
+
+Three layouts are understood (``detect_layout`` tells them apart):
+
+``minigpt``  the seed's miniGPT: ``{model_state_dict, optimizer_state_dict, iter, meta, ema_state_dict?}``,
+             per-head ``key``/``query``/``value`` Linears, GELU (tanh approximation), LM head tied to the
+             token embedding and with a bias; ``meta["chars"]`` is the vocabulary.
+``nanogpt``  nanoGPT's ``ckpt.pt``: ``{model, model_args, iter_num, config, ...}``, fused ``c_attn``, exact
+             GELU, biases per ``model_args["bias"]``; the vocabulary is nanoGPT's ``meta.pkl``.
+``lecture``  Karpathy's "Let's build GPT" ``gpt.py``: a bare ``state_dict`` with the miniGPT names, ReLU, an
+             untied LM head with a bias; the vocabulary comes from the training text.
+
+PyTorch is imported lazily (``import mlx_gpt`` never needs it) and files are read with
+``torch.load(weights_only=True)`` only, so a checkpoint can never run code. Torch Linear weights are
+[out, in] like MLX's: nothing is transposed.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import GPTConfig
+from .errors import MlxGptError
+from .tokenizer import CharTokenizer
+
+LAYOUTS = ("minigpt", "nanogpt", "lecture")
+LAYOUT_NAMES = {
+    "minigpt": "the seed's miniGPT checkpoint",
+    "nanogpt": "nanoGPT ckpt.pt",
+    "lecture": "\"Let's build GPT\" gpt.py state_dict",
+}
+TORCH_HINT = 'PyTorch is needed to read PyTorch checkpoints; install it with: pip install -e ".[convert]"'
+VOCAB_HINT = ("pass --meta path/to/meta.pkl (nanoGPT's data/<dataset>/meta.pkl) or --vocab_from TEXTFILE "
+              "(the training text; its sorted distinct characters are the vocabulary)")
+# Wrappers that prefix every key: torch.compile (_orig_mod.) and DistributedDataParallel (module.).
+KEY_PREFIXES = ("_orig_mod.", "module.")
+
+StateDict = dict[str, np.ndarray]
+
+
+@dataclass
+class Vocabulary:
+    chars: list[str]
+    source: str  # where it came from, for the summary
+
+
+@dataclass
+class Converted:
+    """A converted model: what an mlx-gpt checkpoint needs, plus notes for the user."""
+
+    layout: str
+    config: GPTConfig
+    tokenizer: CharTokenizer
+    weights: StateDict  # flat mlx-gpt parameter names -> float32 arrays
+    iter: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(a.size) for a in self.weights.values())
+
+    def summary(self) -> list[str]:
+        config = " ".join(f"{k}={v}" for k, v in self.config.to_dict().items())
+        return [f"layout: {self.layout} ({LAYOUT_NAMES[self.layout]})", *self.notes, f"config: {config}",
+                f"parameters: {self.num_params:,}"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+def import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise MlxGptError(TORCH_HINT) from None
+    return torch
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def load_torch_file(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is refused."""
+    torch = import_torch()
+    if not path.is_file():
+        raise MlxGptError(f"{path} does not exist; pass the PyTorch checkpoint (.pt) to convert")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a paragraph; keep the line that names what the pickle asked for.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file"))),
+                      lines[0] if lines else type(exc).__name__)
+        raise MlxGptError(
+            f"{path}: refused: its pickle asks for more than tensors and plain containers ({_one_line(detail)}); "
+            "weights-only loading never runs code from a file, so re-save just the tensors (a state_dict) "
+            "with PyTorch from a source you trust"
+        ) from None
+    except Exception as exc:  # torch raises many kinds (RuntimeError, KeyError, EOFError ...) for non-checkpoints
+        raise MlxGptError(f"{path}: not a PyTorch checkpoint torch.load can read "
+                          f"({type(exc).__name__}: {_one_line(str(exc))[:200]})") from None
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: any class or function reference (the way pickles run code) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("it uses persistent ids")
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def read_meta_pkl(path: Path) -> Vocabulary:
+    """The vocabulary from nanoGPT's ``meta.pkl`` (``{vocab_size, itos, stoi}``); only dicts, ints, strings."""
+    try:
+        payload = path.read_bytes()
+    except OSError as exc:
+        raise MlxGptError(f"cannot read --meta {path}: {exc.strerror or exc}") from None
+    try:
+        meta = _PlainDataUnpickler(io.BytesIO(payload)).load()
+    except Exception as exc:  # any failure of an untrusted pickle is the same user error
+        raise MlxGptError(f"{path}: refused as a nanoGPT meta.pkl ({_one_line(str(exc)) or type(exc).__name__}); "
+                          "it may hold only dicts, ints and strings") from None
+    itos = meta.get("itos") if isinstance(meta, dict) else None
+    if not _plain(meta) or not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))):
+        raise MlxGptError(f"{path}: not a character-level nanoGPT meta.pkl (expected {{'itos': {{0: 'a', ...}}}} "
+                          f"of dicts, ints and strings); {VOCAB_HINT}")
+    chars = [itos[i] for i in range(len(itos))]
+    if meta.get("vocab_size", len(chars)) != len(chars):
+        raise MlxGptError(f"{path}: vocab_size {meta['vocab_size']} does not match its {len(chars)} itos entries")
+    return _checked_vocab(chars, str(path))
+
+
+def vocab_from_text(path: Path) -> Vocabulary:
+    """sorted(set(text)): how all three code bases build their character vocabulary."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MlxGptError(f"cannot read --vocab_from {path}: {exc}") from None
+    if not text:
+        raise MlxGptError(f"--vocab_from {path} is empty; pass the text the model was trained on")
+    return Vocabulary(sorted(set(text)), f"{path} (its sorted distinct characters)")
+
+
+def _checked_vocab(chars: Any, source: str) -> Vocabulary:
+    try:
+        CharTokenizer(chars)
+    except MlxGptError as exc:
+        raise MlxGptError(f"vocabulary from {source}: {exc}") from None
+    return Vocabulary(list(chars), source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State dicts
+
+
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "detach") and hasattr(value, "numpy")
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(_is_tensor(v) for v in value.values())
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KEY_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def to_numpy_state(state: Any, what: str) -> StateDict:
+    """Torch tensors -> float32 numpy copies, with wrapper prefixes removed from the keys."""
+    if not _is_state_dict(state):
+        raise MlxGptError(f"{what} is not a state_dict (a dict of tensors)")
+    out: StateDict = {}
+    for key, tensor in state.items():
+        name = _strip_prefixes(str(key))
+        if name in out:
+            raise MlxGptError(f"{what} holds {name} twice (with and without a wrapper prefix)")
+        out[name] = np.array(tensor.detach().cpu().float().numpy(), dtype=np.float32, copy=True)
+    return out
+
+
+def _layer_count(state: StateDict, pattern: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def _shown(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(state: StateDict, expected: dict[str, tuple[int, ...]], layout: str) -> None:
+    """Raise one error listing missing keys, unexpected keys and wrong shapes, if any."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_shown(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_shown(unexpected)}")
+    if wrong:
+        problems.append("wrong shapes: " + _shown([f"{k} {state[k].shape} (expected {expected[k]})" for k in wrong], 3))
+    if problems:
+        raise MlxGptError(f"not a complete {layout} layout ({LAYOUT_NAMES[layout]}): {'; '.join(problems)}; "
+                          "pass --format if the layout was detected wrongly")
+
+
+def _require_core(state: StateDict, keys: list[str], layout: str) -> None:
+    """The (2-D) embeddings the shapes are read from; without them every key of the file is unexpected."""
+    missing = [k for k in keys if k not in state]
+    flat = [k for k in keys if k in state and state[k].ndim != 2]
+    if flat:
+        raise MlxGptError(f"not a {layout} layout: {flat[0]} has shape {state[flat[0]].shape}, expected a 2-D table")
+    if missing:
+        unexpected = sorted(set(state) - set(keys))
+        raise MlxGptError(f"not a {layout} layout ({LAYOUT_NAMES[layout]}): missing keys: {_shown(missing)}; "
+                          f"unexpected keys: {_shown(unexpected)}; pass --format if the layout was detected wrongly")
+
+
+def _head(state: StateDict, wte: np.ndarray, notes: list[str]) -> tuple[bool, StateDict]:
+    """Tie the LM head to the token embedding only when the weights really are equal."""
+    head = state["lm_head.weight"]
+    if np.array_equal(head, wte):
+        notes.append("lm_head: tied to the token embedding")
+        return True, {}
+    notes.append("lm_head: untied (its weight differs from the token embedding)")
+    return False, {"lm_head.weight": head}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+def detect_layout(obj: Any) -> str:
+    """Which of LAYOUTS a loaded checkpoint object is."""
+    if isinstance(obj, Mapping):
+        if "model_state_dict" in obj:
+            return "minigpt"
+        if "model" in obj and "model_args" in obj:
+            return "nanogpt"
+        if _is_state_dict(obj):
+            keys = {_strip_prefixes(str(k)) for k in obj}
+            if "transformer.wte.weight" in keys:
+                return "nanogpt"  # a bare nanoGPT state_dict: convert_nanogpt explains what is missing
+            if "token_embedding_table.weight" in keys:
+                return "lecture"
+        top = _shown(sorted(str(k) for k in obj), 10)
+    else:
+        top = f"a {type(obj).__name__}, not a dict"
+    raise MlxGptError(
+        f"unknown checkpoint layout (top level: {top}); expected the seed's miniGPT dict "
+        "{model_state_dict, meta, ...}, nanoGPT's ckpt.pt {model, model_args, ...} or a bare \"Let's build GPT\" "
+        "state_dict; pass --format minigpt|nanogpt|lecture to say which"
+    )
+
+
+def _heads_state(obj: Any, layout: str, weights: str, notes: list[str]) -> StateDict:
+    """The state_dict of a miniGPT/lecture checkpoint: the EMA or raw dict of a seed file, or a bare one."""
+    if isinstance(obj, Mapping) and "model_state_dict" in obj:
+        ema = obj.get("ema_state_dict")
+        if ema is not None and weights == "ema":
+            notes.append("weights: EMA (ema_state_dict; --weights model picks the raw ones)")
+            return to_numpy_state(ema, "ema_state_dict")
+        notes.append("weights: raw (model_state_dict)" + ("" if ema is not None else "; the file has no EMA weights"))
+        return to_numpy_state(obj["model_state_dict"], "model_state_dict")
+    if _is_state_dict(obj):
+        notes.append("weights: the bare state_dict")
+        return to_numpy_state(obj, "the checkpoint")
+    raise MlxGptError(f"not a {layout} checkpoint: expected a dict with model_state_dict or a bare state_dict; "
+                      "pass the right --format")
+
+
+def convert_heads_layout(obj: Any, layout: str, vocab: Vocabulary | None, weights: str = "ema") -> Converted:
+    """miniGPT and lecture: per-head q/k/v Linears (concatenated in head order into c_attn)."""
+    notes: list[str] = []
+    state = _heads_state(obj, layout, weights, notes)
+    # Causal-mask buffers are not weights: mlx-gpt builds its mask on the fly.
+    state = {k: v for k, v in state.items() if not re.fullmatch(r"blocks\.\d+\.sa\.heads\.\d+\.tril", k)}
+    _require_core(state, ["token_embedding_table.weight", "position_embedding_table.weight"], layout)
+    V, C = state["token_embedding_table.weight"].shape
+    T = state["position_embedding_table.weight"].shape[0]
+    n_layer = _layer_count(state, r"blocks\.(\d+)\.")
+    n_head = _layer_count(state, r"blocks\.0\.sa\.heads\.(\d+)\.")
+    if n_layer == 0 or n_head == 0 or C % n_head:
+        raise MlxGptError(f"not a {layout} layout: found {n_layer} blocks.N and {n_head} blocks.0.sa.heads.N "
+                          f"with n_embd {C}; pass the right --format")
+    hd = C // n_head
+    qkv_bias = any(re.fullmatch(r"blocks\.\d+\.sa\.heads\.\d+\.(key|query|value)\.bias", k) for k in state)
+    lm_head_bias = "lm_head.bias" in state
+
+    expected = {"token_embedding_table.weight": (V, C), "position_embedding_table.weight": (T, C),
+                "ln_f.weight": (C,), "ln_f.bias": (C,), "lm_head.weight": (V, C)}
+    if lm_head_bias:
+        expected["lm_head.bias"] = (V,)
+    for i in range(n_layer):
+        b = f"blocks.{i}."
+        for h in range(n_head):
+            for part in ("key", "query", "value"):
+                expected[f"{b}sa.heads.{h}.{part}.weight"] = (hd, C)
+                if qkv_bias:
+                    expected[f"{b}sa.heads.{h}.{part}.bias"] = (hd,)
+        expected |= {f"{b}sa.proj.weight": (C, C), f"{b}sa.proj.bias": (C,),
+                     f"{b}ffwd.net.0.weight": (4 * C, C), f"{b}ffwd.net.0.bias": (4 * C,),
+                     f"{b}ffwd.net.2.weight": (C, 4 * C), f"{b}ffwd.net.2.bias": (C,)}
+        for ln in ("ln1", "ln2"):
+            expected |= {f"{b}{ln}.weight": (C,), f"{b}{ln}.bias": (C,)}
+    check_keys(state, expected, layout)
+
+    wte = state["token_embedding_table.weight"]
+    tied, head = _head(state, wte, notes)
+    out: StateDict = {"wte.weight": wte, "wpe.weight": state["position_embedding_table.weight"],
+                      "ln_f.weight": state["ln_f.weight"], "ln_f.bias": state["ln_f.bias"], **head}
+    if lm_head_bias:
+        out["lm_head_bias"] = state["lm_head.bias"]
+    for i in range(n_layer):
+        b, o = f"blocks.{i}.", f"h.{i}."
+
+        def heads(part: str, kind: str, b: str = b) -> list[np.ndarray]:
+            return [state[f"{b}sa.heads.{h}.{part}.{kind}"] for h in range(n_head)]
+
+        # c_attn rows: all query heads, then all keys, then all values; head h is rows h*hd:(h+1)*hd of each.
+        out[f"{o}attn.c_attn.weight"] = np.concatenate(heads("query", "weight") + heads("key", "weight")
+                                                       + heads("value", "weight"))
+        # These q/k/v Linears have no bias while the rest of the model does: a zero bias is exact.
+        out[f"{o}attn.c_attn.bias"] = (np.concatenate(heads("query", "bias") + heads("key", "bias")
+                                                      + heads("value", "bias"))
+                                       if qkv_bias else np.zeros(3 * C, dtype=np.float32))
+        for ours, theirs in (("attn.c_proj", "sa.proj"), ("mlp.c_fc", "ffwd.net.0"), ("mlp.c_proj", "ffwd.net.2"),
+                             ("ln_1", "ln1"), ("ln_2", "ln2")):
+            out[f"{o}{ours}.weight"] = state[f"{b}{theirs}.weight"]
+            out[f"{o}{ours}.bias"] = state[f"{b}{theirs}.bias"]
+
+    dropout = 0.0
+    if layout == "minigpt":
+        meta = obj.get("meta") if isinstance(obj, Mapping) else None
+        if vocab is None:
+            chars = meta.get("chars") if isinstance(meta, Mapping) else None
+            if chars is None:
+                raise MlxGptError(f"this miniGPT checkpoint has no meta['chars'] vocabulary; {VOCAB_HINT}")
+            vocab = _checked_vocab(chars, "the checkpoint's meta['chars']")
+        if isinstance(meta, Mapping) and isinstance(meta.get("dropout"), (int, float)):
+            dropout = float(meta["dropout"])
+    elif vocab is None:
+        raise MlxGptError(f"a \"Let's build GPT\" state_dict holds no vocabulary; {VOCAB_HINT}")
+    config = GPTConfig(vocab_size=V, block_size=T, n_layer=n_layer, n_head=n_head, n_embd=C, dropout=dropout,
+                       bias=True, activation="gelu_tanh" if layout == "minigpt" else "relu",
+                       lm_head_bias=lm_head_bias, tie_weights=tied)
+    iteration = obj.get("iter", 0) if isinstance(obj, Mapping) else 0
+    return _finish(layout, config, vocab, out, iteration, notes)
+
+
+def _meta_pkl_candidates(obj: Mapping, ckpt_path: Path | None) -> list[Path]:
+    """Beside the checkpoint, nanoGPT's own rule (data/<config.dataset>/meta.pkl from the working folder), and
+    the data folder of the nanoGPT repository that holds the checkpoint's out_dir."""
+    candidates = []
+    if ckpt_path is not None:
+        candidates.append(ckpt_path.parent / "meta.pkl")
+    config = obj.get("config")
+    dataset = config.get("dataset") if isinstance(config, Mapping) else None
+    if isinstance(dataset, str) and dataset and Path(dataset).name == dataset and dataset not in (".", ".."):
+        candidates.append(Path("data") / dataset / "meta.pkl")
+        if ckpt_path is not None:
+            candidates.append(ckpt_path.parent.parent / "data" / dataset / "meta.pkl")
+    return candidates
+
+
+def convert_nanogpt(obj: Any, vocab: Vocabulary | None, ckpt_path: Path | None = None) -> Converted:
+    """nanoGPT: names map one to one once ``transformer.`` is dropped."""
+    layout = "nanogpt"
+    if not isinstance(obj, Mapping) or "model" not in obj or not isinstance(obj.get("model_args"), Mapping):
+        raise MlxGptError("not a nanoGPT ckpt.pt: expected a dict with 'model' and 'model_args' (a bare state_dict "
+                          "does not say n_head); convert the ckpt.pt that nanoGPT's train.py writes")
+    args = obj["model_args"]
+    try:
+        n_layer, n_head, n_embd = int(args["n_layer"]), int(args["n_head"]), int(args["n_embd"])
+    except (KeyError, TypeError, ValueError):
+        raise MlxGptError(f"nanoGPT model_args lacks n_layer/n_head/n_embd: {dict(args)}") from None
+    notes: list[str] = []
+    state = to_numpy_state(obj["model"], "the nanoGPT 'model' state_dict")
+    state = {k: v for k, v in state.items() if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # masks
+    _require_core(state, ["transformer.wte.weight", "transformer.wpe.weight"], layout)
+    V = state["transformer.wte.weight"].shape[0]
+    T = state["transformer.wpe.weight"].shape[0]
+    # Old nanoGPT files predate model_args["bias"]; they always had biases.
+    bias = bool(args.get("bias", "transformer.ln_f.bias" in state))
+    C = n_embd
+    expected = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C), "lm_head.weight": (V, C)}
+
+    def linear_or_norm(name: str, shape: tuple[int, ...]) -> None:
+        expected[f"{name}.weight"] = shape
+        if bias:
+            expected[f"{name}.bias"] = shape[:1]
+
+    linear_or_norm("transformer.ln_f", (C,))
+    for i in range(n_layer):
+        b = f"transformer.h.{i}."
+        linear_or_norm(f"{b}ln_1", (C,))
+        linear_or_norm(f"{b}attn.c_attn", (3 * C, C))
+        linear_or_norm(f"{b}attn.c_proj", (C, C))
+        linear_or_norm(f"{b}ln_2", (C,))
+        linear_or_norm(f"{b}mlp.c_fc", (4 * C, C))
+        linear_or_norm(f"{b}mlp.c_proj", (C, 4 * C))
+    check_keys(state, expected, layout)
+
+    wte = state["transformer.wte.weight"]
+    tied, head = _head(state, wte, notes)
+    out = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"} | head
+    if vocab is None:
+        candidates = _meta_pkl_candidates(obj, ckpt_path)
+        meta_path = next((c for c in candidates if c.is_file()), None)
+        if meta_path is None:
+            looked = ", ".join(str(c) for c in candidates) or "nowhere (no checkpoint path or config.dataset)"
+            raise MlxGptError(f"no vocabulary for this nanoGPT checkpoint: no meta.pkl at {looked}; {VOCAB_HINT}")
+        vocab = read_meta_pkl(meta_path)
+    config = GPTConfig(vocab_size=V, block_size=T, n_layer=n_layer, n_head=n_head, n_embd=C,
+                       dropout=float(args.get("dropout", 0.0)), bias=bias, activation="gelu",
+                       lm_head_bias=False, tie_weights=tied)
+    return _finish(layout, config, vocab, out, obj.get("iter_num", 0), notes)
+
+
+def _finish(layout: str, config: GPTConfig, vocab: Vocabulary, weights: StateDict, iteration: Any,
+            notes: list[str]) -> Converted:
+    if len(vocab.chars) != config.vocab_size:
+        raise MlxGptError(f"the vocabulary from {vocab.source} has {len(vocab.chars)} characters but the "
+                          f"checkpoint's embedding has {config.vocab_size} rows; give the vocabulary the model "
+                          "was trained with (--meta or --vocab_from)")
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        iteration = 0
+    notes.append(f"vocabulary: {len(vocab.chars)} characters from {vocab.source}")
+    return Converted(layout, config, CharTokenizer(vocab.chars), weights, iteration, notes)
+
+
+def convert(obj: Any, layout: str = "auto", *, vocab: Vocabulary | None = None, weights: str = "ema",
+            ckpt_path: Path | None = None) -> Converted:
+    """Convert a checkpoint object (as torch.load returns it) to mlx-gpt weights, config and tokenizer."""
+    if layout == "auto":
+        layout = detect_layout(obj)
+    if layout not in LAYOUTS:
+        raise MlxGptError(f"--format must be auto or one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if weights not in ("ema", "model"):
+        raise MlxGptError(f"--weights must be ema or model, got {weights!r}")
+    if layout == "nanogpt":
+        return convert_nanogpt(obj, vocab, ckpt_path)
+    return convert_heads_layout(obj, layout, vocab, weights)
+
+
+def convert_file(in_path: str | Path, out_path: str | Path, *, layout: str = "auto", meta: str | Path | None = None,
+                 vocab_from: str | Path | None = None, weights: str = "ema", force: bool = False) -> Converted:
+    """Convert the PyTorch checkpoint ``in_path`` and write it (atomically) as the mlx-gpt checkpoint ``out_path``."""
+    from mlx.utils import tree_flatten
+
+    from .checkpoint import Checkpoint, check_arrays
+    from .model import GPT
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    if meta is not None and vocab_from is not None:
+        raise MlxGptError("pass either --meta or --vocab_from, not both")
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        raise MlxGptError(f"the output {out_path} is the input checkpoint; write to another file")
+    if out_path.is_dir():
+        raise MlxGptError(f"the output {out_path} is a folder; give a file name such as {out_path / 'model.npz'}")
+    if out_path.exists() and not force:
+        raise MlxGptError(f"{out_path} already exists; pass --force to overwrite it")
+    if not out_path.parent.is_dir():
+        raise MlxGptError(f"the output folder {out_path.parent} does not exist; create it first")
+    vocab = read_meta_pkl(Path(meta)) if meta is not None else None
+    if vocab_from is not None:
+        vocab = vocab_from_text(Path(vocab_from))
+
+    obj = load_torch_file(in_path)
+    result = convert(obj, layout, vocab=vocab, weights=weights, ckpt_path=in_path)
+    # The mlx-gpt model must take these arrays exactly as they are.
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(GPT(result.config).parameters())}
+    check_arrays(out_path, "converted weights", expected, result.weights)
+    Checkpoint(config=result.config, tokenizer=result.tokenizer, model=result.weights, iter=result.iter).save(out_path)
+    return result
