@@ -25,7 +25,9 @@ from mlx_gpt.errors import MlxGptError
 from mlx_gpt.tokenizer import CharTokenizer
 from mlx_gpt.training import Trainer
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# No example database: nothing written into the project, the same cost on every run.
+FUZZ = settings(max_examples=60, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 TEXT = "abcde " * 40
 MODEL_CFG = GPTConfig(vocab_size=6, block_size=8, n_layer=1, n_head=1, n_embd=8, dropout=0.0)

@@ -292,3 +292,26 @@ def test_sample_error_in_a_real_process_and_debug_shows_traceback(tmp_path: Path
     assert f"checkpoint {missing} does not exist" in _one_line_error(proc.returncode, proc.stderr)
     proc = run_script("sample.py", "--ckpt", missing, "--device", "cpu", "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "MlxGptError" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- convert_torch_ckpt.py
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: None,  # missing
+    lambda p: p.mkdir(),
+    lambda p: p.write_bytes(b""),
+    lambda p: p.write_bytes(b"PK\x03\x04 truncated zip"),
+    lambda p: p.write_text("not a checkpoint at all\n"),
+])
+def test_convert_bad_input_is_one_line_error(tmp_path: Path, monkeypatch, capsys, make) -> None:
+    """Whatever the input (or without PyTorch installed), one line and exit 1; --debug shows the traceback."""
+    source, target = tmp_path / "in.pt", tmp_path / "out.npz"
+    make(source)
+    script = _script("convert_torch_ckpt")
+    code, _, err = _run_main(script, [str(source), str(target)], monkeypatch, capsys)
+    _one_line_error(code, err)
+    assert not target.exists()
+    monkeypatch.setattr(sys, "argv", ["convert_torch_ckpt.py", str(source), str(target), "--debug"])
+    with pytest.raises(MlxGptError):
+        cli.run(script.main)

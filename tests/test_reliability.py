@@ -111,7 +111,7 @@ def test_sigkill_at_many_points_loses_at_most_one_save_interval(tmp_path: Path, 
     args = _flags(small_text, out, "--max_iters", "1000000", "--eval_interval", "7", "--log_interval", "1",
                   "--save_interval", str(SAVE_INTERVAL), "--keep_last", "3")
     rng = random.Random(6)
-    kills = inside_save = resumed = 0
+    kills = inside_save = resumed = during_start = 0
     while kills < KILL_POINTS_REQUIRED + 2:
         resume_iter = Checkpoint.load(latest).iter if latest.exists() else None
         offset = _size(metrics)
@@ -119,6 +119,7 @@ def test_sigkill_at_many_points_loses_at_most_one_save_interval(tmp_path: Path, 
         proc = _start(args + (["--resume"] if resume_iter is not None else []), log, delay=0.01)
         if rng.random() < 0.2:  # during start-up (imports, loading, compiling) or the first steps
             time.sleep(rng.uniform(0.0, 0.8))
+            during_start += _size(metrics) == offset
         else:  # while stepping and saving
             _wait_for(lambda: _size(metrics) > offset, proc, log)  # noqa: B023
             time.sleep(rng.uniform(0.0, 0.25))
@@ -147,8 +148,8 @@ def test_sigkill_at_many_points_loses_at_most_one_save_interval(tmp_path: Path, 
     assert Checkpoint.load(latest).iter == start + 3
     assert not list(out.glob(".*.tmp"))
     assert len(timestamped_checkpoints(out)) <= 3  # --keep_last 3
-    print(f"\nSIGKILL kill points tried: {kills} ({inside_save} inside a save, {resumed} followed a resume); "
-          f"the chain reached iter {start + 3}")
+    print(f"\nSIGKILL kill points tried: {kills} ({inside_save} inside a save, {during_start} before the first "
+          f"step, {resumed} in runs started with --resume); the chain reached iter {start + 3}")
     assert kills >= KILL_POINTS_REQUIRED
     assert inside_save >= 5, "too few kills landed inside a save to prove anything about it"
 
