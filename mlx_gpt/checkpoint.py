@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+# Test hook (fault-injection tests only): seconds to sleep in the middle of writing a temp file and again
+# before each rename, so a test can kill or interrupt a run inside a save. Unset (the default): no pause.
+TEST_SAVE_DELAY_ENV = "MLX_GPT_TEST_SAVE_DELAY"
+
+
+def _test_pause() -> None:
+    delay = os.environ.get(TEST_SAVE_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
 def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
@@ -56,9 +68,14 @@ def write_atomic(path: Path, payload: bytes) -> None:
     tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(payload)
+            half = len(payload) // 2
+            f.write(payload[:half])
+            f.flush()
+            _test_pause()  # a half-written temp file on disk
+            f.write(payload[half:])
             f.flush()
             os.fsync(f.fileno())
+        _test_pause()  # complete temp file, not yet renamed
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -77,6 +94,7 @@ def replace_with_copy(source: Path, dest: Path) -> None:
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        _test_pause()
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -159,7 +177,7 @@ class Checkpoint:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile,
-                NotImplementedError, RuntimeError) as exc:
+                NotImplementedError, RuntimeError, MemoryError) as exc:  # MemoryError: a header declaring a huge array
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise MlxGptError(
                 f"checkpoint {path} is not a readable .npz (truncated or corrupt?: {reason}); "
@@ -212,9 +230,31 @@ class Checkpoint:
         model = _strip("model", arrays)
         if not model:
             raise fail("holds no model weights")
+        # The header is not covered by the checksum: check that it describes these weights before anything
+        # builds a model from it (a header asking for 10**9 layers would otherwise exhaust memory).
+        mismatch = _config_mismatch(config, model)
+        if mismatch:
+            raise fail(f"its config does not match its weights ({mismatch}); the header is corrupt")
         return cls(config=config, tokenizer=tokenizer, model=model, optimizer=_strip("optimizer", arrays),
                    ema=_strip("ema", arrays), train=train, iter=iteration, best_val_loss=best,
                    data_rng=data_rng, mlx_rng=arrays.get("rng/mlx"), path=path)
+
+
+def _config_mismatch(config: GPTConfig, model: dict[str, np.ndarray]) -> str | None:
+    """What in ``config`` disagrees with the sizes the weights imply (embeddings, layer count), if anything."""
+    expected = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.block_size, config.n_embd)}
+    for name, shape in expected.items():
+        if name not in model:
+            return f"no {name}"
+        if tuple(model[name].shape) != shape:
+            return f"{name} has shape {tuple(model[name].shape)}, the config implies {shape}"
+    layers = {name.split(".")[1] for name in model if name.startswith("h.") and name.count(".") >= 2}
+    if len(layers) != config.n_layer or not all(i.isdigit() and int(i) < config.n_layer for i in layers):
+        # Name a few missing layers (never range over a huge n_layer from a corrupt header).
+        missing = [f"h.{i}." for i in range(min(config.n_layer, len(layers) + 3)) if str(i) not in layers]
+        return (f"config.n_layer is {config.n_layer} but the weights hold {len(layers)} layers"
+                + (f": missing {', '.join(missing)}" if missing else ""))
+    return None
 
 
 def check_arrays(

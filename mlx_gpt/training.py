@@ -93,7 +93,11 @@ class OutDirLock:
             import fcntl
         except ImportError:  # not POSIX: no lock
             return self
-        self._file = open(self.path, "a+")
+        try:
+            self._file = open(self.path, "a+")
+        except OSError as exc:
+            raise MlxGptError(f"cannot use out_dir {self.path.parent}: {exc.strerror or exc}; "
+                              "pass another --out_dir") from None
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -104,10 +108,13 @@ class OutDirLock:
                 f"{self.path.parent} is in use by a training run (pid {holder}); "
                 "wait for it to finish or pass another --out_dir"
             ) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
+        try:  # the pid only names the holder in the message above; the flock is the lock
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.write(str(os.getpid()))
+            self._file.flush()
+        except OSError:
+            pass
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -203,6 +210,8 @@ class Trainer:
         self.iter = 0
         self.best_val_loss: float | None = None
         self.nonfinite_skipped = 0
+        self.last_saved_iter: int | None = None
+        self.metrics_failed = False
         if resume is not None:
             self._restore(resume)
         mx.eval(self.model.parameters(), self.optimizer.state)
@@ -227,6 +236,7 @@ class Trainer:
         if ckpt.data_rng is not None:
             self.sampler.set_state(ckpt.data_rng)
         self.iter, self.best_val_loss = ckpt.iter, ckpt.best_val_loss
+        self.last_saved_iter = ckpt.iter
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -359,6 +369,7 @@ class Trainer:
         finally:
             if signals is not None:
                 signals.saving = False
+        self.last_saved_iter = self.iter
         self._prune()
         return path
 
@@ -371,8 +382,15 @@ class Trainer:
     def metrics(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out_dir / "metrics.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a log, not the work: never stop training for it
+            if not self.metrics_failed:
+                self.metrics_failed = True
+                self.log(f"warning: could not append to {path} ({exc.strerror or exc}); "
+                         "training goes on, some metrics are missing")
 
     # -- the loop -----------------------------------------------------------------
 
@@ -429,7 +447,11 @@ class Trainer:
     def _run(self, device: str) -> TrainResult:
         cfg = self.cfg
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise MlxGptError(f"cannot create out_dir {self.out_dir}: {exc.strerror or exc}; "
+                                  "pass another --out_dir") from None
         lock = OutDirLock(self.out_dir) if self.is_main else contextlib.nullcontext()
         with lock, StopSignals() as signals:
             if self.is_main:
@@ -475,6 +497,10 @@ class Trainer:
             bar.close()
             if stop:
                 self.log(f"interrupted at iter {self.iter}: checkpoint saved to {saved or self.out_dir / 'latest.npz'}")
+            if self.is_main and self.last_saved_iter != self.iter:  # only after failed saves (--on_save_error warn)
+                held = "no checkpoint was written" if self.last_saved_iter is None else \
+                    f"{self.out_dir / 'latest.npz'} holds iter {self.last_saved_iter}"
+                self.log(f"warning: iter {self.iter} was not saved; {held}")
             return TrainResult(self.iter, losses.get("train", loss), losses.get("val"), self.best_val_loss,
                                saved, stop)
 
@@ -488,7 +514,7 @@ def resolve_resume(out_dir: Path, ckpt: str | None) -> Checkpoint:
     try:
         return Checkpoint.load(path)
     except MlxGptError as exc:
-        if ckpt is None and path.exists():
+        if ckpt is None:  # latest.npz corrupt, or missing after a kill before its first save
             alternative = find_resumable(out_dir)
             if alternative is not None:
                 raise MlxGptError(f"{exc} -- the newest valid checkpoint is {alternative}: "
