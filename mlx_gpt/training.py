@@ -467,7 +467,10 @@ class Trainer:
                 losses, _ = self._evaluate()
             window_start, window_steps, eta_told = time.perf_counter(), 0, False
             loss, stop = None, False
-            while self.iter < cfg.max_iters and not stop:
+            while self.iter < cfg.max_iters:
+                if self._stop_requested(signals):  # checked here so a signal during a save is seen too
+                    stop = True
+                    break
                 loss, norm = self.train_step()
                 window_steps += 1
                 self._check_finite(loss, norm)
@@ -487,15 +490,16 @@ class Trainer:
                                  f"{eta / 3600:.1f} h to go (try --config baby for a quick run)")
                     eta_told = True
                     window_start, window_steps = time.perf_counter(), 0
-                stop = self._stop_requested(signals)
                 done = self.iter == cfg.max_iters
                 is_best = False
                 if self.iter % cfg.eval_interval == 0 or done:
                     losses, is_best = self._evaluate()
-                if self.iter % cfg.checkpoint_interval == 0 or done or is_best or stop:
+                if self.iter % cfg.checkpoint_interval == 0 or done or is_best:
                     saved = self.save(is_best, signals) or saved
             bar.close()
             if stop:
+                if self.last_saved_iter != self.iter:
+                    saved = self.save(False, signals) or saved
                 self.log(f"interrupted at iter {self.iter}: checkpoint saved to {saved or self.out_dir / 'latest.npz'}")
             if self.is_main and self.last_saved_iter != self.iter:  # only after failed saves (--on_save_error warn)
                 held = "no checkpoint was written" if self.last_saved_iter is None else \
