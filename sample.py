@@ -1,27 +1,43 @@
-"""Sample text from a trained checkpoint: `python sample.py --prompt "ROMEO:"`."""
+"""Sample text from a trained checkpoint: `python sample.py --prompt "ROMEO:"`.
+
+The prompt is prefilled in one pass, then one character per step through a KV cache; past the
+model's block_size the context window slides (see mlx_gpt/cache.py). Several samples run as one
+batch. The same --seed gives byte-identical output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from mlx_gpt import backend, cli
-from mlx_gpt.checkpoint import load_model
 from mlx_gpt.errors import MlxGptError
-from mlx_gpt.sampling import generate, make_sampler
+
+DASHES = "-" * 40
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="assets/checkpoints/latest.npz", help="checkpoint to sample from")
-    p.add_argument("--prompt", default="\n", help="text to continue; FILE:path reads it from a file")
-    p.add_argument("--max_new_tokens", type=cli.positive_int, default=500)
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline); FILE:path reads a file")
+    p.add_argument("--max_new_tokens", type=cli.positive_int, default=500, help="characters to generate per sample")
     p.add_argument("--temperature", type=cli.nonnegative_float, default=0.8, help="0 = greedy (argmax)")
-    p.add_argument("--top_k", type=cli.positive_int, default=200)
-    p.add_argument("--num_samples", type=cli.positive_int, default=1)
+    p.add_argument("--top_k", type=cli.positive_int, default=200, help="keep the k most likely characters")
+    p.add_argument("--top_p", type=cli.open_unit_interval, default=None,
+                   help="nucleus sampling: keep the smallest set of characters reaching this probability (0, 1]")
+    p.add_argument("--min_p", type=cli.closed_unit_interval, default=None,
+                   help="keep characters at least this fraction as likely as the most likely one [0, 1]")
+    p.add_argument("--repetition_penalty", type=cli.positive_float, default=None,
+                   help="> 1 discourages repeating recent characters (1 = off)")
+    p.add_argument("--repetition_context_size", type=cli.positive_int, default=20,
+                   help="how many recent characters the repetition penalty looks at")
+    p.add_argument("--num_samples", type=cli.positive_int, default=1, help="samples, generated as one batch")
     p.add_argument("--seed", type=cli.any_int, default=None, help="same seed -> same output")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
+    p.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
+                   help="auto: EMA weights when the checkpoint has them; raw: the trained weights; ema: insist on EMA")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args()
 
@@ -38,26 +54,48 @@ def read_prompt(prompt: str) -> str:
 
 def main() -> int:
     args = parse_args()
+    # Validate everything cheap before loading MLX and the checkpoint.
+    prompt = read_prompt(args.prompt)
+    if not prompt:
+        raise MlxGptError("the prompt is empty; the model needs at least one character to continue "
+                          "(the default is a newline: leave out --prompt)")
     backend.select_device(args.device)
     import mlx.core as mx
 
+    from mlx_gpt.checkpoint import load_model
+    from mlx_gpt.sampling import generate, make_logits_processors, make_sampler
+
+    sampler = make_sampler(args.temperature, args.top_k, args.top_p, args.min_p)
+    processors = make_logits_processors(args.repetition_penalty, args.repetition_context_size)
+    model, tokenizer, _ = load_model(args.ckpt, weights=args.weights)
+    tokenizer.encode(prompt)  # unknown characters: the tokenizer's error, before any output
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer, _ = load_model(args.ckpt)
-    prompt = read_prompt(args.prompt)
-    sampler = make_sampler(args.temperature, args.top_k)
-    texts = [prompt] * args.num_samples
-    steps = generate(model, tokenizer, prompt, args.max_new_tokens, sampler, num_samples=args.num_samples)
-    if args.num_samples == 1:  # stream
-        sys.stdout.write(prompt)
-        for chars in steps:
-            sys.stdout.write(chars[0])
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    steps = generate(model, tokenizer, prompt, args.max_new_tokens, sampler, num_samples=args.num_samples,
+                     logits_processors=processors)
+    out = sys.stdout
+    try:
+        if args.num_samples == 1:  # stream
+            out.write(prompt)
+            out.flush()
+            for chars in steps:
+                out.write(chars[0])
+                out.flush()
+            out.write("\n")
+        else:
+            texts = [[prompt] for _ in range(args.num_samples)]
+            for chars in steps:
+                for text, c in zip(texts, chars, strict=True):
+                    text.append(c)
+            for i, text in enumerate(texts):
+                if i:
+                    out.write(DASHES + "\n")
+                out.write("".join(text) + "\n")
+        out.flush()
+    except BrokenPipeError:  # e.g. `python sample.py | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
         return 0
-    for chars in steps:
-        texts = [t + c for t, c in zip(texts, chars, strict=True)]
-    print(("\n" + "-" * 40 + "\n").join(texts))
     return 0
 
 

@@ -58,6 +58,22 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def open_unit_interval(text: str) -> float:
+    """A number in (0, 1] (top_p)."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def closed_unit_interval(text: str) -> float:
+    """A number in [0, 1] (min_p)."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def any_int(text: str) -> int:
     return int(_number(int, text))
 

@@ -1,61 +1,266 @@
-"""Text generation: samplers as small pure functions, and ``generate``."""
+"""Text generation: samplers as small pure functions, logits processors, and ``generate``.
+
+A *sampler* maps logits ``[B, V]`` to token ids ``[B]``; ``make_sampler`` composes the pieces in
+this order (Hugging Face's and nanoGPT's): temperature, then top-k, then top-p (nucleus, on the
+distribution left by top-k), then min-p, then one categorical draw per row. Temperature 0 is
+greedy (argmax), which every filter keeps, so the filters are skipped.
+
+A *logits processor* maps ``(tokens [B, n], logits [B, V])`` to new logits before the sampler;
+``tokens`` is the whole sequence so far (prompt + generated). ``make_logits_processors`` builds the
+repetition penalty (mlx-lm's / the CTRL paper's: a seen token's logit is divided by the penalty
+when positive, multiplied when negative) over the last ``repetition_context_size`` tokens.
+
+``generate_step`` runs the model: the prompt is prefilled in one pass, then one token per step
+through a KV cache (``cache.py``, whose docstring states the sliding-window rule used past
+block_size). ``num_samples`` continuations run as one batch. ``method="recompute"`` does the same
+without a cache (a full forward pass over the same window every step: same tokens, much slower);
+``method="crop"`` is nanoGPT's recompute over the last block_size tokens.
+
+Randomness comes from MLX's global generator: ``mx.random.seed(s)`` first makes a run repeatable.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
+import numpy as np
 
+from .cache import initial_window_start, make_cache, reset_cache, window_start
 from .errors import MlxGptError
 from .model import GPT
 from .tokenizer import CharTokenizer
 
 Sampler = Callable[[mx.array], mx.array]  # logits [B, V] -> token ids [B]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens [B, n], logits [B, V]) -> logits
+
+METHODS = ("cache", "recompute", "crop")
+
+# ----------------------------------------------------------------------------- samplers
 
 
 def greedy(logits: mx.array) -> mx.array:
+    """The most likely token of each row."""
     return mx.argmax(logits, axis=-1)
 
 
+def categorical(logits: mx.array) -> mx.array:
+    """One draw per row from softmax(logits)."""
+    return mx.random.categorical(logits, axis=-1)
+
+
+def apply_temperature(logits: mx.array, temperature: float) -> mx.array:
+    """Divide the logits by ``temperature`` (> 0): below 1 sharpens, above 1 flattens."""
+    return logits if temperature == 1 else logits * (1.0 / temperature)
+
+
 def apply_top_k(logits: mx.array, k: int) -> mx.array:
-    """Keep the k largest logits (ties at the k-th value are kept), mask the rest to -inf."""
+    """Keep the k largest logits of each row (ties at the k-th value are kept); the rest -> -inf."""
     if k >= logits.shape[-1]:
         return logits
     kth = mx.topk(logits, k, axis=-1).min(axis=-1, keepdims=True)
     return mx.where(logits < kth, -mx.inf, logits)
 
 
-def make_sampler(temperature: float = 0.8, top_k: int | None = None) -> Sampler:
-    """Compose temperature and top-k into one sampler; temperature 0 is greedy."""
-    if temperature < 0:
-        raise MlxGptError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise MlxGptError(f"top_k must be >= 1, got {top_k}")
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability reaches ``p``.
+
+    A token is kept when the probability of the tokens ranked above it is below ``p``; tokens tied
+    with the last kept one are kept as well. ``p = 1`` keeps everything.
+    """
+    if p >= 1:
+        return logits
+    sorted_logits = -mx.sort(-logits, axis=-1)  # descending
+    sorted_probs = mx.softmax(sorted_logits, axis=-1)
+    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+    n_keep = mx.maximum((mass_before < p).sum(axis=-1, keepdims=True), 1)
+    cutoff = mx.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    return mx.where(logits < cutoff, -mx.inf, logits)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Keep the tokens whose probability is at least ``min_p`` times the top token's; ``0`` keeps all."""
+    if min_p <= 0:
+        return logits
+    threshold = logits.max(axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logits < threshold, -mx.inf, logits)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling_args(temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                        min_p: float | None = None) -> None:
+    """Raise an MlxGptError naming the first bad value."""
+    if not _is_number(temperature) or temperature < 0:
+        raise MlxGptError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1):
+        raise MlxGptError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise MlxGptError(f"top_p must be in (0, 1], got {top_p!r}")
+    if min_p is not None and (not _is_number(min_p) or not 0 <= min_p <= 1):
+        raise MlxGptError(f"min_p must be in [0, 1], got {min_p!r}")
+
+
+def make_sampler(temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None) -> Sampler:
+    """One sampler from temperature (0 = greedy), top-k, top-p and min-p (None = off)."""
+    check_sampling_args(temperature, top_k, top_p, min_p)
     if temperature == 0:
         return greedy
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if top_k is not None:
+        filters.append(lambda x: apply_top_k(x, int(top_k)))
+    if top_p is not None and top_p < 1:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p is not None and min_p > 0:
+        filters.append(lambda x: apply_min_p(x, min_p))
 
     def sample(logits: mx.array) -> mx.array:
-        logits = logits / temperature
-        if top_k is not None:
-            logits = apply_top_k(logits, top_k)
-        return mx.random.categorical(logits, axis=-1)
+        logits = apply_temperature(logits.astype(mx.float32), temperature)
+        for f in filters:
+            logits = f(logits)
+        return categorical(logits)
 
     return sample
 
 
+# ----------------------------------------------------------------------------- logits processors
+
+
+def apply_repetition_penalty(logits: mx.array, tokens: mx.array, penalty: float) -> mx.array:
+    """Penalize the tokens in ``tokens`` [B, n]: positive logits / penalty, negative ones * penalty."""
+    if tokens.shape[-1] == 0 or penalty == 1:
+        return logits
+    selected = mx.take_along_axis(logits, tokens, axis=-1)
+    selected = mx.where(selected < 0, selected * penalty, selected / penalty)
+    return mx.put_along_axis(logits, tokens, selected, axis=-1)
+
+
+def make_logits_processors(repetition_penalty: float | None = None,
+                           repetition_context_size: int = 20) -> list[LogitsProcessor]:
+    """The processors for ``generate``: a repetition penalty over the last ``repetition_context_size`` tokens.
+
+    ``repetition_penalty`` None or 1 = off; values above 1 discourage repeats, below 1 encourage them.
+    """
+    if repetition_penalty is not None and (not _is_number(repetition_penalty) or repetition_penalty <= 0):
+        raise MlxGptError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
+    if (not isinstance(repetition_context_size, (int, np.integer)) or isinstance(repetition_context_size, bool)
+            or repetition_context_size < 1):
+        raise MlxGptError(f"repetition_context_size must be an integer >= 1, got {repetition_context_size!r}")
+    if repetition_penalty is None or repetition_penalty == 1:
+        return []
+    context = int(repetition_context_size)
+
+    def repetition_penalty_processor(tokens: mx.array, logits: mx.array) -> mx.array:
+        return apply_repetition_penalty(logits, tokens[:, -context:], repetition_penalty)
+
+    return [repetition_penalty_processor]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _prompt_ids(prompt_ids: Sequence[int] | np.ndarray | mx.array) -> mx.array:
+    ids = mx.array(np.asarray(prompt_ids, dtype=np.int32)) if not isinstance(prompt_ids, mx.array) else prompt_ids
+    if ids.ndim != 1:
+        raise MlxGptError(f"the prompt must be one sequence of token ids, got shape {tuple(ids.shape)}")
+    if ids.size == 0:
+        raise MlxGptError("the prompt is empty; the model needs at least one character to continue "
+                          "(nanoGPT's default start is a newline: leave out --prompt)")
+    return ids.astype(mx.int32)
+
+
+def generate_step(model: GPT, prompt_ids: Sequence[int] | np.ndarray | mx.array, max_new_tokens: int,
+                  sampler: Sampler | None = None, num_samples: int = 1,
+                  logits_processors: Sequence[LogitsProcessor] | None = None,
+                  method: str = "cache") -> Iterator[tuple[mx.array, mx.array]]:
+    """Yield ``(tokens [B], logits [B, V])`` per new token, B = ``num_samples``.
+
+    ``logits`` are the model's (before processors and sampler) for the position the token was
+    drawn at. ``method``: "cache" (prefill, then a KV cache), "recompute" (no cache, the same
+    windows as "cache"; for tests) or "crop" (no cache, nanoGPT's last-block_size crop).
+    """
+    if method not in METHODS:
+        raise MlxGptError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise MlxGptError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise MlxGptError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    sampler = sampler or greedy
+    processors = list(logits_processors or [])
+    ids = _prompt_ids(prompt_ids)
+    B, n = int(num_samples), ids.size
+    block = model.config.block_size
+    low, high = mx.min(ids).item(), mx.max(ids).item()
+    if low < 0 or high >= model.config.vocab_size:
+        raise MlxGptError(f"prompt token ids must be in [0, {model.config.vocab_size}), got {low}..{high}")
+
+    # The whole sequence (prompt + generated) of every sample, written in place.
+    history = mx.zeros((B, n + max_new_tokens), dtype=mx.int32)
+    history[:, :n] = mx.broadcast_to(ids[None], (B, n))
+    cache = make_cache(model) if method == "cache" else None
+    start = initial_window_start(n, block) if method != "crop" else max(0, n - block)
+
+    def forward(history: mx.array, start: int, n: int) -> mx.array:
+        """Logits [B, V] at the last position, from a (re)prefill of tokens[start:n]."""
+        window = history[:, start:n]
+        if cache is not None:
+            reset_cache(cache)
+        mask = "causal" if n - start > 1 else None
+        return model(window, mask=mask, cache=cache)[:, -1, :]
+
+    def draw(history: mx.array, logits: mx.array, n: int) -> mx.array:
+        for processor in processors:
+            logits = processor(history[:, :n], logits)
+        return sampler(logits).astype(mx.int32)
+
+    def append(token: mx.array, n: int) -> None:
+        history[:, n] = token  # in place: ``history`` now holds the longer sequence
+        mx.async_eval(token, history)  # start computing while Python builds the next step
+
+    if max_new_tokens == 0:
+        return
+    logits = forward(history, start, n)
+    token = draw(history, logits, n)
+    append(token, n)
+    n += 1
+    for i in range(max_new_tokens):
+        if i + 1 < max_new_tokens:  # queue the next step before handing this token over
+            if method == "crop":
+                new_start = max(0, n - block)
+            else:
+                new_start = window_start(start, n, block)
+            if method == "cache" and new_start == start:
+                next_logits = model(token[:, None], mask=None, cache=cache)[:, -1, :]
+            else:
+                next_logits = forward(history, new_start, n)
+            start = new_start
+            next_token = draw(history, next_logits, n)
+            append(next_token, n)
+            n += 1
+        yield token, logits
+        if i + 1 < max_new_tokens:
+            token, logits = next_token, next_logits
+
+
 def generate(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int,
-             sampler: Sampler, num_samples: int = 1) -> Iterator[list[str]]:
+             sampler: Sampler | None = None, num_samples: int = 1,
+             logits_processors: Sequence[LogitsProcessor] | None = None,
+             method: str = "cache") -> Iterator[list[str]]:
     """Yield, per step, the next character of each of ``num_samples`` continuations of ``prompt``.
 
-    The context is cropped to the last ``block_size`` tokens (recomputed every step).
+    ``prompt`` must be non-empty and use only the tokenizer's characters (MlxGptError otherwise).
+    A prompt longer than block_size is fine: the model sees its last block_size characters, and
+    generation of any length slides the window (see ``cache.py``). ``sampler`` defaults to greedy.
     """
+    if not isinstance(prompt, str):
+        raise MlxGptError(f"the prompt must be a string, got {type(prompt).__name__}")
     if not prompt:
-        raise MlxGptError("the prompt is empty; pass at least one character (e.g. --prompt $'\\n')")
-    ids = mx.array(tokenizer.encode(prompt))[None].astype(mx.int32)
-    ids = mx.repeat(ids, num_samples, axis=0)
-    block = model.config.block_size
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -block:])[:, -1, :]
-        token = sampler(logits).astype(mx.int32)
-        ids = mx.concatenate([ids, token[:, None]], axis=1)
-        yield [tokenizer.chars[i] for i in token.tolist()]
+        _prompt_ids([])  # the empty-prompt error
+    ids = tokenizer.encode(prompt)
+    chars = tokenizer.chars
+    for token, _ in generate_step(model, ids, max_new_tokens, sampler, num_samples, logits_processors, method):
+        yield [chars[i] for i in token.tolist()]
