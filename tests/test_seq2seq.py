@@ -21,7 +21,6 @@ from mlx_gpt.seq2seq import (
     BOS,
     EOS,
     PAD,
-    KVCache,
     Seq2Seq,
     Seq2SeqConfig,
     SpecialCharTokenizer,
@@ -163,16 +162,13 @@ def test_gpt_blocks_have_no_cross_attention() -> None:
 # ----------------------------------------------------------------------------- cached decoding
 
 
-def test_kv_cache_appends_in_place_and_refuses_overflow() -> None:
-    cache = KVCache(max_len=4)
-    k1, v1 = mx.ones((1, 2, 3, 5)), 2 * mx.ones((1, 2, 3, 5))
-    keys, values = cache.update_and_fetch(k1, v1)
-    assert cache.offset == 3 and keys.shape == (1, 2, 3, 5) and cache.keys.shape == (1, 2, 4, 5)
-    keys, values = cache.update_and_fetch(3 * mx.ones((1, 2, 1, 5)), 4 * mx.ones((1, 2, 1, 5)))
-    assert cache.offset == 4 and np.array(keys)[0, 0, :, 0].tolist() == [1, 1, 1, 3]
-    assert np.array(values)[0, 0, :, 0].tolist() == [2, 2, 2, 4]
-    with pytest.raises(MlxGptError, match="KV cache holds 4 positions"):
-        cache.update_and_fetch(k1[:, :, :1], v1[:, :, :1])
+def test_decoding_past_the_target_block_size_is_refused() -> None:
+    model = make_model(6, scale=0.3)
+    src = mx.array([[5, 6, 7]])
+    cache = model.decoder.make_cache(model.encoder(src))
+    model.decoder(mx.zeros((1, model.decoder.block_size), dtype=mx.int32), cache=cache)
+    with pytest.raises(MlxGptError, match="longer than its block size"):
+        model.decoder(mx.zeros((1, 1), dtype=mx.int32), cache=cache)
 
 
 def test_cached_decode_equals_full_recompute() -> None:

@@ -1,4 +1,5 @@
-"""Decoding caches for the encoder-decoder: self-attention keys/values and the encoder's cross-attention ones."""
+"""Decoding caches for the encoder-decoder: self-attention keys/values (the GPT's ``KVCache``) and the
+encoder's cross-attention ones, computed once per source."""
 
 from __future__ import annotations
 
@@ -7,34 +8,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..errors import MlxGptError
-
-
-class KVCache:
-    """Self-attention keys/values [B, H, max_len, D], preallocated on the first write and written by slices.
-
-    ``update_and_fetch`` is what ``CausalSelfAttention`` calls: append this step's keys/values,
-    return all of them so far. Preallocating keeps each step from copying the whole history.
-    """
-
-    def __init__(self, max_len: int) -> None:
-        self.max_len = max_len
-        self.offset = 0
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        B, H, T, D = keys.shape
-        if self.offset + T > self.max_len:
-            raise MlxGptError(f"the KV cache holds {self.max_len} positions; {self.offset + T} were asked for "
-                              "(decode fewer tokens or make a larger cache)")
-        if self.keys is None:
-            self.keys = mx.zeros((B, H, self.max_len, D), dtype=keys.dtype)
-            self.values = mx.zeros((B, H, self.max_len, values.shape[-1]), dtype=values.dtype)
-        self.keys[:, :, self.offset : self.offset + T, :] = keys
-        self.values[:, :, self.offset : self.offset + T, :] = values
-        self.offset += T
-        return self.keys[:, :, : self.offset, :], self.values[:, :, : self.offset, :]
+from ..cache import KVCache
 
 
 @dataclass

@@ -181,7 +181,7 @@ class Decoder(nn.Module):
         """A cache for decoding against one batch of sources: the cross-attention keys/values are computed
         here, once, and every later step reuses them."""
         cross_kv, cross_mask = self.cross_inputs(encoder_hidden_states, src_padding_mask, check_masks)
-        return DecoderCache([KVCache(self.block_size) for _ in self.h], cross_kv, cross_mask)
+        return DecoderCache([KVCache(max_size=self.block_size) for _ in self.h], cross_kv, cross_mask)
 
     def __call__(self, tgt_input_ids: mx.array, encoder_hidden_states: mx.array | None = None,
                  tgt_padding_mask: mx.array | None = None, src_padding_mask: mx.array | None = None,
