@@ -118,7 +118,7 @@ class BatchSampler:
     def set_state(self, state: dict[str, Any]) -> None:
         try:
             self.rng.bit_generator.state = state
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, OverflowError) as exc:
             raise MlxGptError(f"the saved data-sampler state is not valid ({exc})") from None
 
 

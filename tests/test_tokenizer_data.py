@@ -108,3 +108,15 @@ def test_no_network_says_how_to_pass_data(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(MlxGptError, match="--data PATH"):
         resolve_data_path(None)
+
+
+@pytest.mark.parametrize("value", [-1, 2**200, 1.5, None, "x"])
+def test_a_damaged_sampler_state_is_our_error(value: object) -> None:
+    sampler = BatchSampler(np.arange(100, dtype=np.int32), block_size=4, batch_size=2, seed=0)
+    state = {**sampler.state(), "state": {"state": value, "inc": 1}}
+    try:
+        sampler.set_state(state)
+    except MlxGptError as exc:
+        assert "not valid" in str(exc)
+    else:  # numpy accepts some odd values (e.g. 1.5 truncated): then the sampler must still draw
+        assert sampler.next_batch()[0].shape == (2, 4)
