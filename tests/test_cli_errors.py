@@ -55,9 +55,12 @@ BAD_VALUES = {
     cli.nonnegative_float: ["-0.5", "abc", "nan", "inf"],
     cli.unit_interval: ["-0.1", "1", "1.5", "abc", "nan"],
     cli.any_int: ["abc", "nan", "1.5", "inf"],
+    cli.open_unit_interval: ["0", "-0.1", "1.5", "abc", "nan"],
+    cli.closed_unit_interval: ["-0.1", "1.5", "abc", "nan", "inf"],
 }
 GOOD_VALUE = {cli.positive_int: "3", cli.nonnegative_int: "0", cli.positive_float: "1e-3",
-              cli.nonnegative_float: "0", cli.unit_interval: "0.5", cli.any_int: "-7"}
+              cli.nonnegative_float: "0", cli.unit_interval: "0.5", cli.any_int: "-7",
+              cli.open_unit_interval: "1", cli.closed_unit_interval: "0"}
 
 
 class _Captured(Exception):
