@@ -31,6 +31,9 @@ INSTALL_HINT = (
     "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) for ~30x faster training"
 )
 
+# Freed CPU buffers MLX keeps for reuse (its default is 32 MB); see select_device().
+CPU_BUFFER_CACHE_BYTES = 4 << 30
+
 # What load_blas() found: a short description for the banner, and whether to print the hint.
 blas_description = "not checked"
 blas_hint: str | None = None
@@ -89,6 +92,10 @@ def select_device(name: str = "auto") -> str:
         raise MlxGptError("--device gpu: this MLX build has no GPU (Metal or CUDA); use --device cpu")
     use_gpu = has_gpu and name != "cpu"
     mx.set_default_device(mx.gpu if use_gpu else mx.cpu)
+    if not use_gpu:
+        # MLX keeps only 32 MB of freed CPU buffers for reuse: every larger activation is then fresh memory that
+        # the OS must fault in page by page, ~10x the cost of the arithmetic on it. Keep a step's worth instead.
+        mx.set_cache_limit(CPU_BUFFER_CACHE_BYTES)
     return "gpu" if use_gpu else "cpu"
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from . import ops
 from .config import GPTConfig
 
 # An attention mask: None, "causal", or an array (additive float or boolean, True = attend)
@@ -20,7 +21,7 @@ from .config import GPTConfig
 Mask = Any
 
 ACTIVATION_FUNCTIONS = {
-    "gelu": nn.gelu,  # exact, erf-based (PyTorch nn.GELU())
+    "gelu": ops.gelu,  # exact, erf-based (PyTorch nn.GELU()); ops picks the fast CPU version per device
     "gelu_tanh": nn.gelu_approx,  # tanh approximation (PyTorch nn.GELU(approximate="tanh"))
     "relu": nn.relu,
 }
@@ -49,7 +50,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         scale = 1.0 / math.sqrt(q.shape[-1])
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        y = ops.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # mx.fast's on a GPU
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -1,0 +1,132 @@
+"""The fast CPU ops (mlx_gpt/ops.py) agree with their references to <= 1e-5 relative, values and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_gpt import ops
+from mlx_gpt.config import GPTConfig
+from mlx_gpt.model import GPT
+
+RTOL = 1e-5
+# Where a value or gradient crosses zero, relative error is meaningless: float32 rounding of O(1) terms
+# leaves ~1e-7 absolute; the references themselves (MLX's erf) are only good to ~1.5e-7 absolute.
+ATOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def cpu_fast_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    mx.set_default_device(mx.cpu)
+    monkeypatch.setattr(ops, "FAST_CPU_OPS", True)
+
+
+def exact_gelu(x: np.ndarray) -> np.ndarray:
+    return x * 0.5 * np.vectorize(math.erfc)(-x / math.sqrt(2))
+
+
+def test_fast_ops_are_taken_on_the_cpu_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert ops.on_cpu()
+    monkeypatch.setattr(ops, "FAST_CPU_OPS", False)
+    assert not ops.on_cpu()
+    x = mx.linspace(-4, 4, 101)
+    assert mx.array_equal(ops.gelu(x), nn.gelu(x))  # the plain op, untouched
+
+
+def test_exp_matches_float64_over_the_float32_range() -> None:
+    x = np.linspace(-87.0, 88.0, 400_001, dtype=np.float32)
+    got = np.array(mx.compile(ops.exp)(mx.array(x)))
+    np.testing.assert_allclose(got, np.exp(x.astype(np.float64)), rtol=RTOL, atol=0)
+
+
+def test_exp_flushes_to_zero_below_the_normal_range() -> None:
+    got = np.array(ops.exp(mx.array([-87.5, -100.0, -1e30, -np.inf], dtype=mx.float32)))
+    assert np.array_equal(got, np.zeros(4, dtype=np.float32))
+
+
+def test_normal_cdf_matches_float64_in_both_tails() -> None:
+    x = np.linspace(-8.0, 8.0, 200_001, dtype=np.float32)
+    want = 0.5 * np.vectorize(math.erfc)(-x.astype(np.float64) / math.sqrt(2))
+    np.testing.assert_allclose(np.array(ops.normal_cdf(mx.array(x))), want, rtol=RTOL, atol=0)
+
+
+def test_gelu_values_match_exact_gelu_and_mlx() -> None:
+    x = np.linspace(-8.0, 8.0, 200_001, dtype=np.float32)
+    got = np.array(mx.compile(ops.gelu)(mx.array(x)))
+    np.testing.assert_allclose(got, exact_gelu(x.astype(np.float64)), rtol=RTOL, atol=0)
+    np.testing.assert_allclose(got, np.array(nn.gelu(mx.array(x))), rtol=RTOL, atol=ATOL)
+
+
+def test_gelu_gradient_matches_exact_derivative_and_mlx_autodiff() -> None:
+    x = mx.linspace(-8.0, 8.0, 200_001)
+    cotangent = mx.cos(x)  # not uniform, and of both signs
+    vjp = mx.compile(lambda a, c: mx.vjp(ops.gelu, [a], [c])[1][0])
+    got = np.array(vjp(x, cotangent))
+    x64 = np.array(x, dtype=np.float64)
+    derivative = 0.5 * np.vectorize(math.erfc)(-x64 / math.sqrt(2)) + x64 * np.exp(-x64**2 / 2) / math.sqrt(2 * math.pi)
+    np.testing.assert_allclose(got, derivative * np.array(cotangent, dtype=np.float64), rtol=RTOL, atol=ATOL)
+    reference = mx.vjp(nn.gelu, [x], [cotangent])[1][0]
+    np.testing.assert_allclose(got, np.array(reference), rtol=RTOL, atol=ATOL)
+
+
+def test_gelu_is_odd_free_of_nan_at_extremes() -> None:
+    x = mx.array([-1e30, -50.0, 0.0, 50.0, 1e30])
+    got = np.array(ops.gelu(x))
+    assert np.array_equal(got, np.array([0.0, 0.0, 0.0, 50.0, 1e30], dtype=np.float32))
+
+
+def test_softmax_values_and_vjp_match_mlx() -> None:
+    x = mx.random.normal((4, 3, 33, 47), key=mx.random.key(0)) * 6
+    cotangent = mx.random.normal(x.shape, key=mx.random.key(1))
+    (got,), (got_grad,) = mx.vjp(ops.softmax, [x], [cotangent])
+    (want,), (want_grad,) = mx.vjp(lambda a: mx.softmax(a, axis=-1, precise=True), [x], [cotangent])
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case", ["causal", "causal_shorter_queries", "bool", "additive", "none"])
+def test_attention_matches_the_fused_kernel_values_and_gradients(case: str) -> None:
+    t_q = 5 if case == "causal_shorter_queries" else 24
+    keys = [mx.random.key(i) for i in range(4)]
+    q = mx.random.normal((2, 3, t_q, 16), key=keys[0])
+    k, v = (mx.random.normal((2, 3, 24, 16), key=key) for key in keys[1:3])
+    mask = {"causal": "causal", "causal_shorter_queries": "causal", "none": None,
+            "bool": mx.random.uniform(shape=(t_q, 24), key=keys[3]) > 0.3,
+            "additive": mx.random.normal((t_q, 24), key=keys[3])}[case]
+    if case == "bool":
+        mask[:, 0] = True  # every query sees at least one key
+    cotangent = mx.random.normal(q.shape, key=mx.random.key(9))
+
+    def run(attention):
+        return mx.vjp(lambda q, k, v: attention(q, k, v, scale=0.25, mask=mask), [q, k, v], [cotangent])
+
+    (got,), got_grads = run(ops.scaled_dot_product_attention)
+    (want,), want_grads = run(mx.fast.scaled_dot_product_attention)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=ATOL)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=RTOL, atol=ATOL)
+
+
+def test_model_loss_and_gradients_with_fast_ops_match_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    mx.random.seed(0)
+    model = GPT(GPTConfig(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    x = mx.random.randint(0, 17, (3, 16), key=mx.random.key(1))
+    y = mx.random.randint(0, 17, (3, 16), key=mx.random.key(2))
+
+    def loss(model: GPT) -> mx.array:
+        return nn.losses.cross_entropy(model(x), y, reduction="mean")
+
+    fast_loss, fast_grads = nn.value_and_grad(model, loss)(model)
+    monkeypatch.setattr(ops, "FAST_CPU_OPS", False)
+    plain_loss, plain_grads = nn.value_and_grad(model, loss)(model)
+    np.testing.assert_allclose(fast_loss.item(), plain_loss.item(), rtol=RTOL)
+    flat_fast, flat_plain = dict(tree_flatten(fast_grads)), dict(tree_flatten(plain_grads))
+    for name, g in flat_fast.items():
+        scale = float(mx.abs(flat_plain[name]).max())
+        np.testing.assert_allclose(np.array(g), np.array(flat_plain[name]), rtol=RTOL, atol=1e-5 * scale,
+                                   err_msg=name)
