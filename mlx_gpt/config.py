@@ -69,7 +69,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
-        return _from_dict(cls, values)
+        return dataclass_from_dict(cls, values)
 
 
 @dataclass(frozen=True)
@@ -129,15 +129,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, values)
+        return dataclass_from_dict(cls, values)
 
 
-def _from_dict(cls: type, values: dict[str, Any]) -> Any:
+def dataclass_from_dict(cls: type, values: Any) -> Any:
+    """Build a config dataclass from a JSON-like dict, with one-line errors for anything that does not fit."""
     _require(isinstance(values, dict), f"{cls.__name__} must be a JSON object, got {type(values).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     _require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise MlxGptError(f"{cls.__name__}: {exc}") from None
 
 
 # Presets: flat dicts of GPTConfig and TrainConfig fields. "shakespeare" is the default.

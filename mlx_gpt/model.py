@@ -27,6 +27,20 @@ ACTIVATION_FUNCTIONS = {
 }
 
 
+def init_weights(module: nn.Module, residual_branches: int) -> None:
+    """nanoGPT's init: N(0, 0.02) weights, zero biases, unit LayerNorm gains, and the projections that write
+    into the residual stream (``c_proj``) scaled by 1/sqrt(residual_branches) so its variance stays put."""
+    residual_std = 0.02 / math.sqrt(residual_branches)
+
+    def init(path: str, p: mx.array) -> mx.array:
+        if ".ln_" in f".{path}" or path.endswith("bias"):
+            return mx.ones_like(p) if path.endswith("weight") else mx.zeros_like(p)
+        std = residual_std if path.endswith("c_proj.weight") else 0.02
+        return mx.random.normal(p.shape, scale=std, dtype=p.dtype)
+
+    module.update(tree_map_with_path(init, module.parameters()))
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
@@ -140,19 +154,7 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.lm_head_bias:
             self.lm_head_bias = mx.zeros((config.vocab_size,))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """nanoGPT's init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 n_layer)."""
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-
-        def init(path: str, p: mx.array) -> mx.array:
-            if ".ln_" in f".{path}" or path.endswith("bias"):
-                return mx.ones_like(p) if path.endswith("weight") else mx.zeros_like(p)
-            std = residual_std if path.endswith("c_proj.weight") else 0.02
-            return mx.random.normal(p.shape, scale=std, dtype=p.dtype)
-
-        self.update(tree_map_with_path(init, self.parameters()))
+        init_weights(self, residual_branches=2 * config.n_layer)  # attention + MLP per block
 
     def __call__(self, idx: mx.array, mask: Mask = "causal", cache: list[Any] | None = None) -> mx.array:
         """Logits [B, T, vocab] for token ids ``idx`` [B, T].

@@ -8,17 +8,16 @@ how much) never changes the outputs at its real positions.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten
 
-from ..config import ACTIVATIONS, GPTConfig
+from ..config import GPTConfig, dataclass_from_dict
 from ..errors import MlxGptError
-from ..model import Block, Mask
+from ..model import Block, Mask, init_weights
 from .cache import DecoderCache, KVCache
 
 
@@ -39,9 +38,7 @@ class Seq2SeqConfig:
     activation: str = "gelu"
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise MlxGptError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        # The blocks are GPT blocks: their configs check the shared fields (types, n_embd % n_head, dropout).
+        # The blocks are GPT blocks: their configs check every field (types, n_embd % n_head, dropout, activation).
         self.encoder_config()
         self.decoder_config()
 
@@ -60,15 +57,7 @@ class Seq2SeqConfig:
 
     @classmethod
     def from_dict(cls, values: Any) -> Seq2SeqConfig:
-        if not isinstance(values, dict):
-            raise MlxGptError(f"Seq2SeqConfig must be a JSON object, got {type(values).__name__}")
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise MlxGptError(f"unknown Seq2SeqConfig field(s): {', '.join(unknown)}")
-        try:
-            return cls(**values)
-        except TypeError as exc:  # a required field is missing
-            raise MlxGptError(f"Seq2SeqConfig: {exc}") from None
+        return dataclass_from_dict(cls, values)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -226,20 +215,8 @@ class Seq2Seq(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """nanoGPT's init: N(0, 0.02), zero biases, unit LayerNorm gains, residual projections scaled down."""
-        n_residual = 2 * self.config.n_encoder_layer + 3 * self.config.n_decoder_layer
-        residual_std = 0.02 / math.sqrt(n_residual)
-
-        def init(path: str, p: mx.array) -> mx.array:
-            if ".ln_" in f".{path}" or path.endswith("bias"):
-                return mx.ones_like(p) if path.endswith("weight") else mx.zeros_like(p)
-            std = residual_std if path.endswith("c_proj.weight") else 0.02
-            return mx.random.normal(p.shape, scale=std, dtype=p.dtype)
-
-        self.update(tree_map_with_path(init, self.parameters()))
+        # Residual branches: self-attention + MLP per encoder block, plus cross-attention per decoder block.
+        init_weights(self, residual_branches=2 * config.n_encoder_layer + 3 * config.n_decoder_layer)
 
     def encode(self, src_ids: mx.array, src_padding_mask: mx.array | None = None,
                check_masks: bool = True) -> mx.array:
