@@ -1,11 +1,14 @@
 """The checkpoint format: one ``.npz`` that is enough to sample from and to resume exactly.
 
 Arrays are stored under ``model/<param path>``, ``optimizer/<state path>``, ``ema/<param path>``
-(when present) and ``rng/mlx``; one ``meta`` array holds UTF-8 JSON (uint8)::
+(when present); one ``meta`` array holds UTF-8 JSON (uint8)::
 
     {"format": "mlx-gpt", "version": 1, "config": {...GPTConfig}, "train": {...TrainConfig} | null,
      "vocab": [...chars...], "iter": N, "best_val_loss": x | null, "data_rng": {...} | null,
      "checksum": "sha256 of every other array"}
+
+``data_rng`` is the training batches' numpy generator; the MLX random key (dropout) is derived from
+the seed and the iteration at every step, so there is no MLX RNG state to store.
 
 Everything loads with ``numpy.load(path, allow_pickle=False)``: no pickled objects, ever. Writes are
 atomic (temp file in the same folder, fsync, rename, fsync of the folder), so the file on disk is
@@ -134,14 +137,11 @@ class Checkpoint:
     iter: int = 0
     best_val_loss: float | None = None
     data_rng: dict[str, Any] | None = None
-    mlx_rng: np.ndarray | None = None
     path: Path | None = None
 
     def to_bytes(self) -> bytes:
         arrays = {**_prefixed("model", self.model), **_prefixed("optimizer", self.optimizer),
                   **_prefixed("ema", self.ema)}
-        if self.mlx_rng is not None:
-            arrays["rng/mlx"] = self.mlx_rng
         meta = {
             "format": FORMAT,
             "version": VERSION,
@@ -237,7 +237,7 @@ class Checkpoint:
             raise fail(f"its config does not match its weights ({mismatch}); the header is corrupt")
         return cls(config=config, tokenizer=tokenizer, model=model, optimizer=_strip("optimizer", arrays),
                    ema=_strip("ema", arrays), train=train, iter=iteration, best_val_loss=best,
-                   data_rng=data_rng, mlx_rng=arrays.get("rng/mlx"), path=path)
+                   data_rng=data_rng, path=path)
 
 
 def _config_mismatch(config: GPTConfig, model: dict[str, np.ndarray]) -> str | None:
