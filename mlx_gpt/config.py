@@ -137,7 +137,7 @@ def dataclass_from_dict(cls: type, values: Any) -> Any:
     _require(isinstance(values, dict), f"{cls.__name__} must be a JSON object, got {type(values).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
-    _require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    _require(not unknown, f"unknown {cls.__name__} field(s): {', '.join(map(repr, unknown))}")
     try:
         return cls(**values)
     except TypeError as exc:  # a required field is missing
@@ -172,7 +172,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     _require(isinstance(values, dict), f"--config {path}: expected a JSON object of config fields")
     known = {f.name for f in fields(GPTConfig)} | {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
-    _require(not unknown, f"--config {path}: unknown field(s) {', '.join(unknown)}")
+    _require(not unknown, f"--config {path}: unknown field(s) {', '.join(map(repr, unknown))}")
     return values
 
 

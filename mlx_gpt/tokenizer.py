@@ -14,6 +14,8 @@ class CharTokenizer:
     """Maps characters to ids by their position in a sorted vocabulary."""
 
     def __init__(self, chars: Iterable[str]) -> None:
+        if not isinstance(chars, (list, tuple, str)):  # e.g. a damaged checkpoint header
+            raise MlxGptError(f"the vocabulary must be a list of characters, got {type(chars).__name__}")
         self.chars: list[str] = list(chars)
         if not self.chars:
             raise MlxGptError("the vocabulary is empty: build the tokenizer from non-empty text")

@@ -32,6 +32,12 @@ def test_unknown_characters_are_listed_never_dropped() -> None:
         tok.encode("hello world!é")
 
 
+@pytest.mark.parametrize("vocab", [True, 7, None, {"a": 1}, ["ab"], ["a", "a"], []])
+def test_a_bad_vocabulary_is_our_error(vocab: object) -> None:
+    with pytest.raises(MlxGptError, match="vocabulary"):
+        CharTokenizer(vocab)
+
+
 def test_non_ascii_vocabulary_round_trips() -> None:
     text = "naïve café — ünïcödé 🙂"
     tok = CharTokenizer.from_text(text)
