@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import platform
 import sys
@@ -34,9 +35,10 @@ INSTALL_HINT = (
 # Freed CPU buffers MLX keeps for reuse (its default is 32 MB); see select_device().
 CPU_BUFFER_CACHE_BYTES = 4 << 30
 
-# What load_blas() found: a short description for the banner, and whether to print the hint.
+# What load_blas() found: a short description for the banner, whether to print the hint, and the library.
 blas_description = "not checked"
 blas_hint: str | None = None
+_openblas: ctypes.CDLL | None = None
 
 
 def _find_openblas() -> str | None:
@@ -70,13 +72,45 @@ def load_blas() -> str:
         blas_hint = INSTALL_HINT
         return blas_description
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
         blas_description = f"MLX bundled reference BLAS (could not load {path}: {exc})"
         blas_hint = INSTALL_HINT
         return blas_description
+    global _openblas
+    _openblas = library
     blas_description = f"OpenBLAS ({path})"
     return blas_description
+
+
+def share_cores(processes_here: int) -> str | None:
+    """Give each of ``processes_here`` processes on this machine its share of the cores for OpenBLAS.
+
+    Every OpenBLAS process starts one thread per core; several processes of one data-parallel job on one
+    machine would then fight over the cores (measured here: 2 ranks on 2 cores ran at half the speed of
+    1 thread each). Returns a line for the banner, or None when nothing was changed.
+    """
+    if _openblas is None or processes_here <= 1 or os.environ.get("OPENBLAS_NUM_THREADS"):
+        return None  # no OpenBLAS of ours, nothing to share, or the user chose
+    threads = max(1, (os.cpu_count() or 1) // processes_here)
+    try:
+        _openblas.openblas_set_num_threads(threads)
+    except AttributeError:  # not an OpenBLAS build with that entry point
+        return None
+    return f"BLAS threads: {threads} per process ({processes_here} processes share this machine's cores)"
+
+
+def processes_on_this_machine(rank: int) -> int:
+    """How many ranks of an ``mlx.launch`` job run on this machine (from the ring backend's hostfile, where
+    each rank is listed with its IP addresses, or MPI's local size); 1 when it cannot tell."""
+    if os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "").isdigit():
+        return int(os.environ["OMPI_COMM_WORLD_LOCAL_SIZE"])
+    try:
+        ranks = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+        addresses = [tuple(sorted(entry.rsplit(":", 1)[0] for entry in rank_entries)) for rank_entries in ranks]
+        return addresses.count(addresses[rank])
+    except (KeyError, OSError, ValueError, TypeError, AttributeError, IndexError):
+        return 1
 
 
 def select_device(name: str = "auto") -> str:

@@ -196,6 +196,8 @@ class Trainer:
         self.group = mx.distributed.init()
         self.rank, self.world_size = self.group.rank(), self.group.size()
         self.is_main = self.rank == 0  # only rank 0 writes files, logs and draws the progress bar
+        self.blas_note = backend.share_cores(backend.processes_on_this_machine(self.rank)) if self.world_size > 1 \
+            else None
         self.log = log if self.is_main else (lambda _: None)
         self.out_dir = Path(train_cfg.out_dir)
         mx.random.seed(train_cfg.seed)  # model init
@@ -527,7 +529,7 @@ def resolve_resume(out_dir: Path, ckpt: str | None) -> Checkpoint:
 
 
 def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str,
-           world_size: int = 1) -> str:
+           world_size: int = 1, blas_note: str | None = None) -> str:
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     processes = f" x {world_size} processes" if world_size > 1 else ""
     lines = [
@@ -540,6 +542,8 @@ def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset,
         f"sequences ({sequences * model_cfg.block_size:,} tokens) per step; "
         f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
     ]
+    if blas_note:
+        lines.append(blas_note)
     if backend.blas_hint and device == "cpu":
         lines.append(backend.blas_hint)
     return "\n".join(lines)
@@ -553,7 +557,7 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, resume: Checkpoint | Non
     if resume is None and model_cfg.vocab_size != tokenizer.vocab_size:
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, resume=resume, log=log)
-    trainer.log(banner(trainer.model, model_cfg, train_cfg, dataset, device, trainer.world_size))
+    trainer.log(banner(trainer.model, model_cfg, train_cfg, dataset, device, trainer.world_size, trainer.blas_note))
     if resume is not None:
         trainer.log(f"resuming from {resume.path} at iter {resume.iter}")
     return trainer.run(device)

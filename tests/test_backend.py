@@ -37,3 +37,15 @@ def test_device_selection() -> None:
     assert "device: cpu" in backend.describe_device("cpu")
     with pytest.raises(MlxGptError, match="--device"):
         backend.select_device("tpu")
+
+
+def test_processes_on_this_machine_from_the_ring_hostfile(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('[["127.0.0.1:5000"], ["127.0.0.1:5001"], ["10.0.0.2:5002", "10.0.1.2:5003"]]')
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_SIZE", raising=False)
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    assert [backend.processes_on_this_machine(rank) for rank in range(3)] == [2, 2, 1]
+    hostfile.write_text("not json")
+    assert backend.processes_on_this_machine(0) == 1
+    monkeypatch.delenv("MLX_HOSTFILE")
+    assert backend.processes_on_this_machine(0) == 1
