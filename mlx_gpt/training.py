@@ -33,6 +33,7 @@ from .model import GPT
 from .tokenizer import CharTokenizer
 
 CHECKPOINT_PATTERN = re.compile(r"^gpt-\d{8}-\d{6}-step(\d+)\.npz$")
+DISTRIBUTED_ERROR = re.compile(r"\[(ring|mpi|nccl|jaccl)\]")  # how MLX's distributed backends prefix errors
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -440,7 +441,7 @@ class Trainer:
         try:
             return self._run(device)
         except RuntimeError as exc:
-            if self.world_size == 1:
+            if self.world_size == 1 or not DISTRIBUTED_ERROR.search(str(exc)):
                 raise
             # The distributed backend lost a peer (killed rank, network): stop instead of hanging.
             raise MlxGptError(f"rank {self.rank}: lost contact with the other processes ({exc}); stopping at iter "
