@@ -6,11 +6,9 @@ import argparse
 from pathlib import Path
 
 from mlx_gpt import backend, cli
-from mlx_gpt.config import GPTConfig, TrainConfig, load_preset, split_fields
+from mlx_gpt.config import TrainConfig
 from mlx_gpt.errors import MlxGptError
-from mlx_gpt.training import resolve_resume, train
-
-MODEL_FLAGS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "bias", "activation")
+from mlx_gpt.training import resolve_resume, run_configs, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,26 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     run_flags = {"config", "device", "resume", "ckpt", "debug"}
-    explicit = {k: v for k, v in vars(args).items() if k not in run_flags}
+    flags = {k: v for k, v in vars(args).items() if k not in run_flags}
     if args.ckpt and not args.resume:
         raise MlxGptError("--ckpt is for --resume; to sample from a checkpoint use sample.py --ckpt")
     device = backend.select_device(args.device)
-    values = {} if args.resume and "config" not in vars(args) else load_preset(getattr(args, "config", "shakespeare"))
-    resume = None
-    if args.resume:
-        out_dir = Path(explicit.get("out_dir", TrainConfig.out_dir))
-        resume = resolve_resume(out_dir, args.ckpt)
-        fixed = resume.config.to_dict()
-        changed = [k for k in MODEL_FLAGS if k in explicit and explicit[k] != fixed[k]]
-        if changed:
-            flags = ", ".join("--" + k for k in changed)
-            raise MlxGptError(f"--resume takes the model's shape from the checkpoint; drop {flags}")
-        values = {**(resume.train or {}), **values, **fixed}
-        values.pop("out_dir", None)
-    values.update(explicit)
-    model_values, train_values = split_fields(values)
-    model_cfg = GPTConfig.from_dict(model_values)
-    train_cfg = TrainConfig.from_dict(train_values)
+    resume = resolve_resume(Path(flags.get("out_dir", TrainConfig.out_dir)), args.ckpt) if args.resume else None
+    model_cfg, train_cfg = run_configs(getattr(args, "config", None), flags, resume)
     train(model_cfg, train_cfg, resume=resume, device=device)
     return 0
 

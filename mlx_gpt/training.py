@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import backend
 from .checkpoint import Checkpoint, check_arrays, replace_with_copy
-from .config import GPTConfig, TrainConfig
+from .config import GPTConfig, TrainConfig, load_preset, split_fields
 from .data import BatchSampler, Dataset
 from .errors import MlxGptError
 from .model import GPT
@@ -527,6 +527,26 @@ def resolve_resume(out_dir: Path, ckpt: str | None) -> Checkpoint:
                 raise MlxGptError(f"{exc} -- the newest valid checkpoint is {alternative}: "
                                   f"resume from it with --resume --ckpt {alternative}") from None
         raise
+
+
+def run_configs(preset: str | None, flags: dict[str, Any], resume: Checkpoint | None = None
+                ) -> tuple[GPTConfig, TrainConfig]:
+    """The run's settings, later sources winning: the preset (``shakespeare`` unless resuming), the
+    checkpoint's training settings and model shape (on resume), then the flags given on the command line.
+
+    On resume the model's shape is the checkpoint's: a flag that would change it is an error.
+    """
+    values = {} if resume is not None and preset is None else load_preset(preset or "shakespeare")
+    if resume is not None:
+        shape = resume.config.to_dict()
+        changed = [k for k, v in split_fields(flags)[0].items() if v != shape[k]]
+        if changed:
+            names = ", ".join("--" + k for k in changed)
+            raise MlxGptError(f"--resume takes the model's shape from the checkpoint; drop {names}")
+        values = {**(resume.train or {}), **values, **shape}
+        values.pop("out_dir", None)  # the folder resumed from, not the one recorded in the file
+    model_values, train_values = split_fields({**values, **flags})
+    return GPTConfig.from_dict(model_values), TrainConfig.from_dict(train_values)
 
 
 def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str,

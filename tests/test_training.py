@@ -13,8 +13,9 @@ from mlx.utils import tree_flatten
 from mlx_gpt.checkpoint import Checkpoint
 from mlx_gpt.config import GPTConfig, TrainConfig
 from mlx_gpt.data import Dataset
+from mlx_gpt.errors import MlxGptError
 from mlx_gpt.tokenizer import CharTokenizer
-from mlx_gpt.training import AdamW, Trainer, lr_schedule
+from mlx_gpt.training import AdamW, Trainer, lr_schedule, run_configs
 
 TINY_MODEL = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -129,3 +130,16 @@ def test_run_writes_checkpoints_metrics_and_prunes(small_text: Path, tmp_path: P
     assert best.best_val_loss == result.best_val_loss
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert any('"val_loss"' in line for line in lines)
+
+
+def test_run_configs_precedence(small_text: Path, tmp_path: Path) -> None:
+    model_cfg, train_cfg = run_configs("baby", {"max_iters": 7, "n_layer": 2})
+    assert (model_cfg.n_layer, model_cfg.n_embd, train_cfg.max_iters, train_cfg.batch_size) == (2, 128, 7, 12)
+    assert run_configs(None, {})[0].n_layer == 6  # the shakespeare preset by default
+
+    trainer = make_trainer(small_text.read_text(), tmp_path, max_iters=3, learning_rate=3e-3)
+    resume = Checkpoint.load(trainer.checkpoint().save(tmp_path / "c.npz"))
+    model_cfg, train_cfg = run_configs(None, {"max_iters": 9}, resume)
+    assert model_cfg == resume.config and train_cfg.learning_rate == 3e-3 and train_cfg.max_iters == 9
+    with pytest.raises(MlxGptError, match="drop --n_embd"):
+        run_configs(None, {"n_embd": 64}, resume)
