@@ -74,21 +74,41 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_a_killed_rank_makes_the_other_exit_with_a_clear_error(small_text: Path, tmp_path: Path) -> None:
+def start_two_ranks(small_text: Path, tmp_path: Path) -> list[subprocess.Popen]:
+    """What mlx.launch does, by hand, so a test can signal one rank itself; returns once rank 0 is stepping."""
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(2)]))
     procs = []
-    for rank in range(2):  # what mlx.launch does, by hand, so the test can kill one rank itself
+    for rank in range(2):
         env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
         procs.append(subprocess.Popen(
             [sys.executable, str(ROOT / "train.py"), "--data", str(small_text), *FLAGS, "--batch_size", "4",
              "--max_iters", "100000", "--eval_interval", "100000", "--out_dir", str(tmp_path / "out")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
-    survivor, victim = procs
     deadline = time.time() + 120
-    for line in survivor.stdout:  # rank 0 logs every step
+    for line in procs[0].stdout:  # rank 0 logs every step
         if line.startswith("iter 5:") or time.time() > deadline:
             break
+    return procs
+
+
+def test_sigterm_on_any_rank_stops_all_after_one_save(small_text: Path, tmp_path: Path) -> None:
+    main, other = start_two_ranks(small_text, tmp_path)
+    other.send_signal(signal.SIGTERM)  # not rank 0: the stop request must reach rank 0 through the all-reduce
+    try:
+        out, err = main.communicate(timeout=60)
+        other.wait(timeout=60)
+    finally:
+        main.kill()
+        other.kill()
+    assert main.returncode == 0 and other.returncode == 0, err
+    stopped_at = int(out.split("interrupted at iter ")[1].split(":")[0])
+    assert Checkpoint.load(tmp_path / "out" / "latest.npz").iter == stopped_at >= 5
+    assert len(list((tmp_path / "out").glob("gpt-*.npz"))) == 1  # one save, by rank 0
+
+
+def test_a_killed_rank_makes_the_other_exit_with_a_clear_error(small_text: Path, tmp_path: Path) -> None:
+    survivor, victim = start_two_ranks(small_text, tmp_path)
     victim.send_signal(signal.SIGKILL)
     try:
         _, err = survivor.communicate(timeout=60)
