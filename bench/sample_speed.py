@@ -145,7 +145,7 @@ def main() -> int:
             import torch
 
             sys.path.insert(0, str(Path(__file__).resolve().parent))
-            import torch_sampling_ref as torch_ref
+            import torch_gpt as torch_ref
         except ImportError:
             print("PyTorch is not installed: no PyTorch baseline (pip install torch)")
     print(f"machine: {machine()}; device {device}"

@@ -95,8 +95,7 @@ def run_torch(preset: str, data: str, warmup: int, steps: int, init_path: str) -
 
     torch.set_num_threads(os.cpu_count() or 1)
     model_cfg, train_cfg, dataset, _ = configs(preset, data)
-    model = TorchGPT(model_cfg.vocab_size, model_cfg.block_size, model_cfg.n_layer, model_cfg.n_head,
-                     model_cfg.n_embd, model_cfg.dropout)
+    model = TorchGPT(model_cfg)
     with np.load(init_path) as weights:
         model.load_flat(dict(weights))
     model.train()
