@@ -75,15 +75,27 @@ def normal_cdf(x: mx.array) -> mx.array:
     return mx.where(x < 0, half_erfc, 1.0 - half_erfc)
 
 
+# Each op body is compiled: one fused kernel per call even outside a compiled training step (when sampling,
+# say, where dozens of separate elementwise ops per call would cost more than the erf they replace).
+@mx.compile
+def _gelu_forward(x: mx.array) -> mx.array:
+    return x * normal_cdf(x)
+
+
+@mx.compile
+def _gelu_backward(x: mx.array, cotangent: mx.array) -> mx.array:
+    # d/dx x Phi(x) = Phi(x) + x phi(x)
+    return cotangent * (normal_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x))
+
+
 @mx.custom_function
 def _gelu_cpu(x: mx.array) -> mx.array:
-    return x * normal_cdf(x)
+    return _gelu_forward(x)
 
 
 @_gelu_cpu.vjp
 def _gelu_cpu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    # d/dx x Phi(x) = Phi(x) + x phi(x)
-    return cotangent * (normal_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x))
+    return _gelu_backward(x, cotangent)
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -91,15 +103,25 @@ def gelu(x: mx.array) -> mx.array:
     return _gelu_cpu(x) if on_cpu() else nn.gelu(x)
 
 
-@mx.custom_function
-def _softmax_cpu(x: mx.array) -> mx.array:
+@mx.compile
+def _softmax_forward(x: mx.array) -> mx.array:
     e = exp(x - mx.max(x, axis=-1, keepdims=True))
     return e * (1.0 / mx.sum(e, axis=-1, keepdims=True))
 
 
+@mx.compile
+def _softmax_backward(output: mx.array, cotangent: mx.array) -> mx.array:
+    return output * (cotangent - mx.sum(cotangent * output, axis=-1, keepdims=True))
+
+
+@mx.custom_function
+def _softmax_cpu(x: mx.array) -> mx.array:
+    return _softmax_forward(x)
+
+
 @_softmax_cpu.vjp
 def _softmax_cpu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    return output * (cotangent - mx.sum(cotangent * output, axis=-1, keepdims=True))
+    return _softmax_backward(output, cotangent)
 
 
 def softmax(x: mx.array) -> mx.array:
@@ -112,7 +134,7 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
 
     q: [B, heads, T_q, head_dim], k and v: [B, heads, T_k, head_dim]; ``mask`` as the fused kernel takes it.
     """
-    if not on_cpu():
+    if not on_cpu() or q.shape[-2] == 1:  # one query per row (a decoding step): nothing to gain, the fused kernel
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = (q * scale) @ k.swapaxes(-1, -2)
     if isinstance(mask, str):
