@@ -257,24 +257,35 @@ def _config_mismatch(config: GPTConfig, model: dict[str, np.ndarray]) -> str | N
     return None
 
 
+def name_list(names: list[str], limit: int = 8) -> str:
+    """The first ``limit`` names, comma-separated, with how many more there are."""
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def array_mismatches(expected: dict[str, tuple[int, ...]], arrays: dict[str, np.ndarray]) -> list[str]:
+    """What keeps ``arrays`` from having exactly the expected names and shapes: missing, unexpected, wrong shape."""
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(arrays) if tuple(arrays[k].shape) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {name_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {name_list(unexpected)}")
+    if wrong:
+        shapes = [f"{k} {arrays[k].shape} (expected {expected[k]})" for k in wrong]
+        problems.append(f"wrong shapes: {name_list(shapes, 3)}")
+    return problems
+
+
 def check_arrays(
     path: Path | None, what: str, expected: dict[str, tuple[int, ...]], weights: dict[str, np.ndarray]
 ) -> None:
     """Raise an MlxGptError unless ``weights`` has exactly the expected names and shapes (and numeric dtypes)."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != tuple(expected[k]))
+    problems = array_mismatches(expected, weights)
     not_numeric = sorted(k for k in weights if weights[k].dtype.kind not in "fiub")
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    if unexpected:
-        problems.append(f"unexpected {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-    if wrong:
-        shapes = ", ".join(f"{k} {weights[k].shape} (expected {expected[k]})" for k in wrong[:3])
-        problems.append(f"wrong shape {shapes}")
     if not_numeric:
-        problems.append(f"non-numeric dtype in {', '.join(not_numeric[:3])}")
+        problems.append(f"non-numeric dtype in {name_list(not_numeric, 3)}")
     if problems:
         raise MlxGptError(f"checkpoint {path}: {what} do not match its config: {'; '.join(problems)}")
 

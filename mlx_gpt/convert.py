@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import Checkpoint, array_mismatches, check_arrays, name_list
 from .config import GPTConfig
 from .errors import MlxGptError
+from .model import GPT
 from .tokenizer import CharTokenizer
 
 LAYOUTS = ("minigpt", "nanogpt", "lecture")
@@ -210,22 +212,9 @@ def _layer_count(state: StateDict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _shown(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def check_keys(state: StateDict, expected: dict[str, tuple[int, ...]], layout: str) -> None:
     """Raise one error listing missing keys, unexpected keys and wrong shapes, if any."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_shown(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_shown(unexpected)}")
-    if wrong:
-        problems.append("wrong shapes: " + _shown([f"{k} {state[k].shape} (expected {expected[k]})" for k in wrong], 3))
+    problems = array_mismatches(expected, state)
     if problems:
         raise MlxGptError(f"not a complete {layout} layout ({LAYOUT_NAMES[layout]}): {'; '.join(problems)}; "
                           "pass --format if the layout was detected wrongly")
@@ -239,8 +228,8 @@ def _require_core(state: StateDict, keys: list[str], layout: str) -> None:
         raise MlxGptError(f"not a {layout} layout: {flat[0]} has shape {state[flat[0]].shape}, expected a 2-D table")
     if missing:
         unexpected = sorted(set(state) - set(keys))
-        raise MlxGptError(f"not a {layout} layout ({LAYOUT_NAMES[layout]}): missing keys: {_shown(missing)}; "
-                          f"unexpected keys: {_shown(unexpected)}; pass --format if the layout was detected wrongly")
+        raise MlxGptError(f"not a {layout} layout ({LAYOUT_NAMES[layout]}): missing keys: {name_list(missing)}; "
+                          f"unexpected keys: {name_list(unexpected)}; pass --format if the layout was detected wrongly")
 
 
 def _head(state: StateDict, wte: np.ndarray, notes: list[str]) -> tuple[bool, StateDict]:
@@ -270,7 +259,7 @@ def detect_layout(obj: Any) -> str:
                 return "nanogpt"  # a bare nanoGPT state_dict: convert_nanogpt explains what is missing
             if "token_embedding_table.weight" in keys:
                 return "lecture"
-        top = _shown(sorted(str(k) for k in obj), 10)
+        top = name_list(sorted(str(k) for k in obj), 10)
     else:
         top = f"a {type(obj).__name__}, not a dict"
     raise MlxGptError(
@@ -474,9 +463,6 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, layout: str = "au
                  vocab_from: str | Path | None = None, weights: str = "ema", force: bool = False) -> Converted:
     """Convert the PyTorch checkpoint ``in_path`` and write it (atomically) as the mlx-gpt checkpoint ``out_path``."""
     from mlx.utils import tree_flatten
-
-    from .checkpoint import Checkpoint, check_arrays
-    from .model import GPT
 
     in_path, out_path = Path(in_path), Path(out_path)
     if meta is not None and vocab_from is not None:
