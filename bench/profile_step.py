@@ -29,7 +29,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 # isort: on
 
-from mlx_gpt import backend  # noqa: E402
+from mlx_gpt import backend, ops  # noqa: E402
 from mlx_gpt.config import GPTConfig, TrainConfig, load_preset, split_fields  # noqa: E402
 from mlx_gpt.data import Dataset  # noqa: E402
 from mlx_gpt.training import Trainer, loss_fn  # noqa: E402
@@ -51,6 +51,7 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
 def fwd_bwd(fn: Callable[..., mx.array], *inputs: mx.array) -> Callable[[], object]:
     """A compiled forward + backward of ``fn`` w.r.t. all its inputs (cotangent: a fixed random array)."""
     cotangent = mx.random.normal(fn(*inputs).shape)
+    mx.eval(cotangent)  # else the compiled function would regenerate it (random numbers are costly on a CPU)
     compiled = mx.compile(lambda *a: mx.vjp(fn, list(a), [cotangent]))
     return lambda: compiled(*inputs)
 
@@ -90,8 +91,8 @@ def profile(model_cfg: GPTConfig, train_cfg: TrainConfig, data: str, repeats: in
         """Forward + backward of a (bias-free) Linear: gradients for its input and its weight."""
         return fwd_bwd(lambda x, w: x @ w.T, x, layer.weight)
 
-    def sdpa(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(q.shape[-1]), mask="causal")
+    def sdpa(q: mx.array, k: mx.array, v: mx.array) -> mx.array:  # the model's: ops picks it per device
+        return ops.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(q.shape[-1]), mask="causal")
 
     def embed(wte: mx.array, wpe: mx.array) -> mx.array:
         return wte[idx] + wpe[mx.arange(T)]

@@ -21,7 +21,7 @@ from .config import GPTConfig
 Mask = Any
 
 ACTIVATION_FUNCTIONS = {
-    "gelu": ops.gelu,  # exact, erf-based (PyTorch nn.GELU()); ops picks the fast CPU version per device
+    "gelu": nn.gelu,  # exact, erf-based (PyTorch nn.GELU())
     "gelu_tanh": nn.gelu_approx,  # tanh approximation (PyTorch nn.GELU(approximate="tanh"))
     "relu": nn.relu,
 }

@@ -72,6 +72,19 @@ def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) 
     return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
 
 
+def over_streams(fn: Callable[[mx.array, mx.array], Any], streams: list[mx.Stream] | None, x: mx.array,
+                 y: mx.array) -> Any:
+    """``fn(x, y)`` (a mean over the batch, or a tree of them: the loss and its gradients), computed as the mean
+    over equal slices of the batch, each slice on its own stream so that they run in parallel."""
+    if streams is None:
+        return fn(x, y)
+    parts = []
+    for stream, x_part, y_part in zip(streams, mx.split(x, len(streams)), mx.split(y, len(streams)), strict=True):
+        with mx.stream(stream):
+            parts.append(fn(x_part, y_part))
+    return tree_map(lambda *values: sum(values) / len(values), *parts)
+
+
 def ema_decay_at(decay: float, step: mx.array) -> mx.array:
     """The EMA decay at an optimizer step, ramped up early ((1 + t) / (10 + t)) so the average is not
     dominated by the random init in short runs."""
@@ -197,8 +210,10 @@ class Trainer:
         self.group = mx.distributed.init()
         self.rank, self.world_size = self.group.rank(), self.group.size()
         self.is_main = self.rank == 0  # only rank 0 writes files, logs and draws the progress bar
-        self.blas_note = backend.share_cores(backend.processes_on_this_machine(self.rank)) if self.world_size > 1 \
-            else None
+        processes_here = backend.processes_on_this_machine(self.rank) if self.world_size > 1 else 1
+        n_streams, self.cpu_note = backend.split_cores(processes_here, train_cfg.batch_size)
+        # Each (micro-)batch is split over these, one thread each (see backend.split_cores); None: one stream.
+        self.streams = [mx.new_stream(mx.cpu) for _ in range(n_streams)] if n_streams > 1 else None
         self.log = log if self.is_main else (lambda _: None)
         self.out_dir = Path(train_cfg.out_dir)
         mx.random.seed(train_cfg.seed)  # model init
@@ -259,13 +274,13 @@ class Trainer:
         grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
         guard = cfg.skip_nonfinite > 0
         ema = self.ema
-        world_size = self.world_size
+        world_size, streams = self.world_size, self.streams
 
         def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
             # x, y: [accum * batch, T]; gradients are averaged over the micro-batches.
             loss, grads = mx.array(0.0), None
             for xm, ym in zip(mx.split(x, accum), mx.split(y, accum), strict=True):
-                micro_loss, micro_grads = grad_fn(model, xm, ym)
+                micro_loss, micro_grads = over_streams(partial(grad_fn, model), streams, xm, ym)
                 loss = loss + micro_loss / accum
                 grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             if accum > 1:
@@ -292,7 +307,7 @@ class Trainer:
             return loss, norm
 
         def eval_loss(x: mx.array, y: mx.array) -> mx.array:
-            loss = loss_fn(model, x, y)
+            loss = over_streams(partial(loss_fn, model), streams, x, y)
             return mx.distributed.all_sum(loss) / world_size if world_size > 1 else loss
 
         if cfg.compile:
@@ -550,7 +565,7 @@ def run_configs(preset: str | None, flags: dict[str, Any], resume: Checkpoint | 
 
 
 def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str,
-           world_size: int = 1, blas_note: str | None = None) -> str:
+           world_size: int = 1, cpu_note: str | None = None) -> str:
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     processes = f" x {world_size} processes" if world_size > 1 else ""
     lines = [
@@ -563,8 +578,8 @@ def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset,
         f"sequences ({sequences * model_cfg.block_size:,} tokens) per step; "
         f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
     ]
-    if blas_note:
-        lines.append(blas_note)
+    if cpu_note:
+        lines.append(cpu_note)
     if backend.blas_hint and device == "cpu":
         lines.append(backend.blas_hint)
     return "\n".join(lines)
@@ -578,7 +593,7 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, resume: Checkpoint | Non
     if resume is None and model_cfg.vocab_size != tokenizer.vocab_size:
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, resume=resume, log=log)
-    trainer.log(banner(trainer.model, model_cfg, train_cfg, dataset, device, trainer.world_size, trainer.blas_note))
+    trainer.log(banner(trainer.model, model_cfg, train_cfg, dataset, device, trainer.world_size, trainer.cpu_note))
     if resume is not None:
         trainer.log(f"resuming from {resume.path} at iter {resume.iter}")
     return trainer.run(device)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -49,3 +52,48 @@ def test_processes_on_this_machine_from_the_ring_hostfile(tmp_path, monkeypatch:
     assert backend.processes_on_this_machine(0) == 1
     monkeypatch.delenv("MLX_HOSTFILE")
     assert backend.processes_on_this_machine(0) == 1
+
+
+# A compiled function whose kernels use exp, erf and selects: GELU's value and gradient, a softmax's gradient.
+_JIT_PROBE = """
+import hashlib, mlx_gpt
+import mlx.core as mx, mlx.nn as nn
+from mlx_gpt import backend, ops
+x = mx.random.normal((64, 1000), key=mx.random.key(0)) * 4
+step = mx.compile(lambda a: mx.vjp(lambda z: ops.softmax(nn.gelu(z)), [a], [mx.cos(a)]))
+out, grads = step(x)
+print(backend.jit_description)
+print(hashlib.sha256(memoryview(out[0]).tobytes() + memoryview(grads[0]).tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+                         and shutil.which("g++")), reason="the CPU kernel flags apply on Linux with g++")
+def test_kernels_built_for_this_cpu_give_the_same_bits_as_mlx_default(tmp_path) -> None:
+    def run(**env: str) -> list[str]:
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env}
+        return subprocess.run([sys.executable, "-c", _JIT_PROBE], capture_output=True, text=True, check=True,
+                              env=env).stdout.splitlines()
+
+    tuned, tuned_again, default = run(), run(), run(MLX_GPT_CPU_JIT="0")
+    assert tuned[0].startswith("compiled for this CPU") and default[0] == "MLX default (MLX_GPT_CPU_JIT=0)"
+    assert tuned[1] == tuned_again[1] == default[1]  # bit for bit; the second run loads the cached kernels
+    kernels = list(tmp_path.glob("mlx-gpt/cpu-kernels/*/mlx/*/cpu/*.so"))
+    assert kernels and not list(tmp_path.glob("mlx-gpt/cpu-kernels/*/mlx/*/cpu/*.tmp"))
+
+
+@pytest.mark.skipif(not shutil.which("g++") or not sys.platform.startswith("linux"), reason="needs g++ on Linux")
+def test_the_compiler_script_passes_through_and_renames_into_place(tmp_path) -> None:
+    compiler = tmp_path / "bin" / "g++"
+    backend._install_jit_compiler(compiler, os.path.realpath(shutil.which("g++")))
+    assert subprocess.run([str(compiler), "--version"], capture_output=True).returncode == 0  # MLX's probe
+    source = tmp_path / "k.cpp"
+    source.write_text('extern "C" void twice(float* x, long n) { for (long i = 0; i < n; ++i) x[i] *= 2; }\n')
+    library = tmp_path / "out dir" / "libk.so"
+    library.parent.mkdir()
+    subprocess.run([str(compiler), "-std=c++17", "-O3", "-fPIC", "-shared", str(source), "-o", str(library)],
+                   check=True)
+    assert sorted(p.name for p in library.parent.iterdir()) == ["libk.so"]
+    source.write_text("this is not C++")
+    failed = subprocess.run([str(compiler), "-shared", str(source), "-o", str(library)], capture_output=True)
+    assert failed.returncode != 0 and sorted(p.name for p in library.parent.iterdir()) == ["libk.so"]

@@ -42,7 +42,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(small_text: 
     assert two.stdout.count("number of parameters") == 1  # only rank 0 speaks
     assert "4 x 1 accumulation x 2 processes = 8 sequences" in two.stdout
     openblas_shared = backend.blas_description.startswith("OpenBLAS") and "OPENBLAS_NUM_THREADS" not in os.environ
-    assert ("per process (2 processes share this machine's cores)" in two.stdout) == openblas_shared
+    assert ("1 BLAS thread in each of 2 processes on this machine" in two.stdout) == openblas_shared
     one = run_script("train.py", *common, "--batch_size", "8", "--out_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     losses_two, losses_one = step_losses(tmp_path / "two"), step_losses(tmp_path / "one")
