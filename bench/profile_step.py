@@ -8,13 +8,15 @@ forward + backward (a vector-Jacobian product with a random cotangent), using th
 so what ``mlx_gpt/ops.py`` routes into the model is what gets timed. The table gives ms per call, the
 number of calls per step, and the share of the measured compiled training step (Trainer's own step).
 The shares need not add to 100 %: the components overlap (e.g. dropout inside attention) and the
-step also has glue (adds, reshapes, clipping).
+step also has glue (adds, reshapes, clipping). Everything here runs on one CPU stream with every core in BLAS
+(MLX_GPT_CPU_STREAMS=1), so the step row is the step before it is split over one stream per core.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -144,6 +146,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = p.parse_args()
+    os.environ["MLX_GPT_CPU_STREAMS"] = "1"  # components and step alike on one stream (see the docstring)
     backend.select_device(args.device)
     model_values, train_values = split_fields(load_preset(args.config))
     if args.batch_size:

@@ -140,15 +140,20 @@ def tune_cpu_jit() -> str:
     without the flags, by other programs in the shared /tmp, are never picked up.
     """
     global jit_description
+    if jit_description.startswith("compiled"):
+        return jit_description  # done already in this process
     if os.environ.get("MLX_GPT_CPU_JIT", "").strip() == "0":
         jit_description = "MLX default (MLX_GPT_CPU_JIT=0)"
         return jit_description
-    cxx = shutil.which("g++")
+    from .data import cache_dir
+
+    # The real g++: child processes inherit a PATH that starts with the script installed below.
+    search_path = os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                                  if Path(entry).parent.parent.name != "cpu-kernels")
+    cxx = shutil.which("g++", path=search_path)
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64") or cxx is None:
         jit_description = "MLX default"
         return jit_description
-    from .data import cache_dir
-
     cxx = os.path.realpath(cxx)
     key = hashlib.sha256("\n".join([cxx, *JIT_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
     root = cache_dir() / "cpu-kernels" / key
@@ -160,7 +165,7 @@ def tune_cpu_jit() -> str:
             jit_description = f"MLX default (could not set up {compiler}: {exc})"
             return jit_description
     tempfile.gettempdir()  # Python's own temporary files stay where they were
-    os.environ["PATH"] = f"{compiler.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["PATH"] = f"{compiler.parent}{os.pathsep}{search_path}"
     os.environ["TMPDIR"] = str(root)
     jit_description = f"compiled for this CPU ({' '.join(JIT_FLAGS[:2])}; kernels in {root})"
     return jit_description

@@ -77,6 +77,8 @@ def test_kernels_built_for_this_cpu_give_the_same_bits_as_mlx_default(tmp_path) 
 
     tuned, tuned_again, default = run(), run(), run(MLX_GPT_CPU_JIT="0")
     assert tuned[0].startswith("compiled for this CPU") and default[0] == "MLX default (MLX_GPT_CPU_JIT=0)"
+    # This (tuned) process's PATH starts with its compiler script: the children still find the real g++.
+    assert tuned[0].endswith(backend.jit_description.split("/cpu-kernels/")[-1])
     assert tuned[1] == tuned_again[1] == default[1]  # bit for bit; the second run loads the cached kernels
     kernels = list(tmp_path.glob("mlx-gpt/cpu-kernels/*/mlx/*/cpu/*.so"))
     assert kernels and not list(tmp_path.glob("mlx-gpt/cpu-kernels/*/mlx/*/cpu/*.tmp"))

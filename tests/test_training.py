@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_gpt import backend
 from mlx_gpt.checkpoint import Checkpoint
 from mlx_gpt.config import GPTConfig, TrainConfig
 from mlx_gpt.data import Dataset
@@ -86,6 +87,24 @@ def test_gradient_accumulation_equals_one_big_batch(small_text: Path, tmp_path: 
     losses_big = [big.train_step()[0] for _ in range(3)]
     losses_acc = [accumulated.train_step()[0] for _ in range(3)]
     np.testing.assert_allclose(losses_big, losses_acc, rtol=1e-5)
+
+
+@pytest.mark.skipif(backend._openblas is None, reason="streams need a BLAS whose threads mlx-gpt sets (OpenBLAS)")
+def test_a_batch_split_over_cpu_streams_trains_like_one_stream(small_text: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    text = small_text.read_text()
+    runs = []
+    for streams in ("1", "4"):
+        monkeypatch.setenv("MLX_GPT_CPU_STREAMS", streams)
+        trainer = make_trainer(text, tmp_path / streams, batch_size=8)
+        assert (trainer.streams is None) == (streams == "1") and len(trainer.streams or [None]) in (1, 4)
+        runs.append(([trainer.train_step() for _ in range(4)], trainer.estimate_loss(),
+                     dict(tree_flatten(trainer.model.parameters()))))
+    (steps_one, eval_one, weights_one), (steps_four, eval_four, weights_four) = runs
+    np.testing.assert_allclose(steps_one, steps_four, rtol=1e-5)  # losses and gradient norms
+    assert eval_one == pytest.approx(eval_four, rel=1e-5)
+    for name, w in weights_one.items():
+        np.testing.assert_allclose(np.array(w), np.array(weights_four[name]), rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_overfits_a_200_character_text(tmp_path: Path) -> None:
