@@ -60,6 +60,15 @@ def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, log: Path, 
         time.sleep(0.005)
 
 
+def _trained(metrics: Path, offset: int) -> bool:
+    """Whether metrics.jsonl has a training step's line after byte ``offset``."""
+    if not metrics.exists():
+        return False
+    with open(metrics, "rb") as f:
+        f.seek(offset)
+        return any(b'"loss"' in line for line in f.read().splitlines())
+
+
 def _logged_iters(metrics: Path, offset: int) -> list[int]:
     """Iterations that metrics.jsonl records after byte ``offset`` (what one process did)."""
     if not metrics.exists():
@@ -120,8 +129,8 @@ def test_sigkill_at_many_points_loses_at_most_one_save_interval(tmp_path: Path, 
         if rng.random() < 0.2:  # during start-up (imports, loading, compiling) or the first steps
             time.sleep(rng.uniform(0.0, 0.8))
             during_start += _size(metrics) == offset
-        else:  # while stepping and saving
-            _wait_for(lambda: _size(metrics) > offset, proc, log)  # noqa: B023
+        else:  # while stepping and saving: once this process has logged a training step (not only an eval)
+            _wait_for(lambda: _trained(metrics, offset), proc, log)  # noqa: B023
             time.sleep(rng.uniform(0.0, 0.25))
         assert proc.poll() is None, log.read_text()
         proc.kill()
