@@ -5,6 +5,7 @@ from . import backend
 # Before anything imports mlx.core: see backend.py for why.
 backend.load_blas()
 backend.tune_cpu_jit()
+backend.widen_eval_order()  # before MLX's first evaluation
 
 from .config import GPTConfig, TrainConfig  # noqa: E402
 from .errors import MlxGptError  # noqa: E402

@@ -54,13 +54,27 @@ def test_processes_on_this_machine_from_the_ring_hostfile(tmp_path, monkeypatch:
     assert backend.processes_on_this_machine(0) == 1
 
 
-# A compiled function whose kernels use exp, erf and selects: GELU's value and gradient, a softmax's gradient.
+@pytest.mark.skipif(mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available()),
+                    reason="MLX's default device is a GPU: its eval order is left alone")
+def test_importing_mlx_gpt_widens_mlx_eval_order_on_the_cpu_unless_the_user_set_it() -> None:
+    def width(**env: str) -> str:
+        env = {key: value for key, value in {**os.environ, **env}.items() if key != "MLX_BFS_MAX_WIDTH" or value}
+        probe = "import os, mlx_gpt; print(os.environ.get('MLX_BFS_MAX_WIDTH'))"
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env=env).stdout.strip()
+
+    assert width(MLX_BFS_MAX_WIDTH="") == backend.EVAL_ORDER_WIDTH
+    assert width(MLX_BFS_MAX_WIDTH="7") == "7"
+
+
+# A compiled function whose kernels use exp, erf and selects: GELU's value and gradient, causal attention's.
 _JIT_PROBE = """
 import hashlib, mlx_gpt
 import mlx.core as mx, mlx.nn as nn
 from mlx_gpt import backend, ops
-x = mx.random.normal((64, 1000), key=mx.random.key(0)) * 4
-step = mx.compile(lambda a: mx.vjp(lambda z: ops.softmax(nn.gelu(z)), [a], [mx.cos(a)]))
+x = mx.random.normal((2, 3, 150, 16), key=mx.random.key(0)) * 2
+attend = lambda z: ops.scaled_dot_product_attention(nn.gelu(z), z, z, scale=0.25)
+step = mx.compile(lambda a: mx.vjp(attend, [a], [mx.cos(a)]))
 out, grads = step(x)
 print(backend.jit_description)
 print(hashlib.sha256(memoryview(out[0]).tobytes() + memoryview(grads[0]).tobytes()).hexdigest())

@@ -30,24 +30,27 @@ def test_the_cpu_attention_is_taken_only_when_enabled(monkeypatch: pytest.Monkey
     assert not ops.on_cpu()
 
 
-def test_softmax_values_and_vjp_match_mlx() -> None:
-    x = mx.random.normal((4, 3, 33, 47), key=mx.random.key(0)) * 6
-    cotangent = mx.random.normal(x.shape, key=mx.random.key(1))
-    (got,), (got_grad,) = mx.vjp(ops.softmax, [x], [cotangent])
-    (want,), (want_grad,) = mx.vjp(lambda a: mx.softmax(a, axis=-1, precise=True), [x], [cotangent])
-    np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=1e-7)
-    np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), rtol=RTOL, atol=ATOL)
+def test_query_blocks_cover_the_queries_in_blocks_of_about_query_block() -> None:
+    assert ops.query_blocks(24, causal=True) == [(0, 24)]
+    assert ops.query_blocks(256, causal=True) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    assert ops.query_blocks(150, causal=True) == [(0, 75), (75, 150)]
+    assert ops.query_blocks(256, causal=False) == [(0, 256)]
 
 
-@pytest.mark.parametrize("case", ["causal", "causal_shorter_queries", "bool", "additive", "none"])
+# (queries, keys): one block of queries, several (of uneven length), and queries that are the last of the keys
+# (a prefill after a cache)
+SHAPES = {"causal": (24, 24), "causal_blocks": (150, 150), "causal_shorter_queries": (5, 24),
+          "causal_shorter_queries_blocks": (130, 200), "bool": (24, 24), "additive": (24, 24), "none": (24, 24)}
+
+
+@pytest.mark.parametrize("case", list(SHAPES))
 def test_attention_matches_the_fused_kernel_values_and_gradients(case: str) -> None:
-    t_q = 5 if case == "causal_shorter_queries" else 24
+    t_q, t_k = SHAPES[case]
     keys = [mx.random.key(i) for i in range(4)]
     q = mx.random.normal((2, 3, t_q, 16), key=keys[0])
-    k, v = (mx.random.normal((2, 3, 24, 16), key=key) for key in keys[1:3])
-    mask = {"causal": "causal", "causal_shorter_queries": "causal", "none": None,
-            "bool": mx.random.uniform(shape=(t_q, 24), key=keys[3]) > 0.3,
-            "additive": mx.random.normal((t_q, 24), key=keys[3])}[case]
+    k, v = (mx.random.normal((2, 3, t_k, 16), key=key) for key in keys[1:3])
+    mask = {"bool": mx.random.uniform(shape=(t_q, t_k), key=keys[3]) > 0.3,
+            "additive": mx.random.normal((t_q, t_k), key=keys[3]), "none": None}.get(case, "causal")
     if case == "bool":
         mask[:, 0] = True  # every query sees at least one key
     cotangent = mx.random.normal(q.shape, key=mx.random.key(9))
