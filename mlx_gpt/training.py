@@ -11,7 +11,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -40,15 +40,28 @@ DISTRIBUTED_ERROR = re.compile(r"\[(ring|mpi|nccl|jaccl)\]")  # how MLX's distri
 
 
 class AdamW(optim.AdamW):
-    """AdamW as PyTorch (and nanoGPT) use it: bias correction on, weight decay only on tensors with ndim >= 2."""
+    """AdamW as PyTorch (and nanoGPT) use it: bias correction on, weight decay only on tensors with ndim >= 2.
+
+    ``parameter_streams`` (a tree like the parameters, see ``spread_over_streams``) runs each parameter's update
+    on its own CPU stream, so that the update of a step is shared between the cores too.
+    """
 
     def __init__(self, learning_rate: Any, betas: tuple[float, float], weight_decay: float) -> None:
         super().__init__(learning_rate, betas=list(betas), weight_decay=weight_decay, bias_correction=True)
+        self.parameter_streams: dict | None = None
+        self._next_stream: Iterator[mx.Stream] | None = None
+
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+        if self.parameter_streams is not None:  # apply_single is called in the order of tree_flatten
+            self._next_stream = iter(stream for _, stream in tree_flatten(self.parameter_streams))
+        return super().apply_gradients(gradients, parameters)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        if parameter.ndim < 2:  # biases and LayerNorm gains are not decayed
-            return optim.Adam.apply_single(self, gradient, parameter, state)
-        return super().apply_single(gradient, parameter, state)
+        stream = next(self._next_stream) if self._next_stream is not None else None
+        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+            if parameter.ndim < 2:  # biases and LayerNorm gains are not decayed
+                return optim.Adam.apply_single(self, gradient, parameter, state)
+            return super().apply_single(gradient, parameter, state)
 
 
 def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
@@ -72,17 +85,56 @@ def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) 
     return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
 
 
+def on_stream(stream: mx.Stream | None, fn: Callable[..., mx.array], *args: mx.array) -> mx.array:
+    """``fn(*args)`` with its ops on ``stream`` (None: the default stream)."""
+    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+        return fn(*args)
+
+
+def spread_over_streams(tree: Any, streams: list[mx.Stream]) -> Any:
+    """A tree like ``tree`` (of arrays) holding a stream for each array: the largest array goes to the stream
+    with the fewest elements so far, so that per-parameter work (gradient averaging, norm, update) is balanced."""
+    flat = tree_flatten(tree)
+    load = [0] * len(streams)
+    chosen = {}
+    for name, array in sorted(flat, key=lambda item: -item[1].size):
+        least = load.index(min(load))
+        load[least] += array.size
+        chosen[name] = streams[least]
+    return tree_unflatten([(name, chosen[name]) for name, _ in flat])
+
+
 def over_streams(fn: Callable[[mx.array, mx.array], Any], streams: list[mx.Stream] | None, x: mx.array,
-                 y: mx.array) -> Any:
+                 y: mx.array, result_streams: Any = None) -> Any:
     """``fn(x, y)`` (a mean over the batch, or a tree of them: the loss and its gradients), computed as the mean
-    over equal slices of the batch, each slice on its own stream so that they run in parallel."""
+    over equal slices of the batch, each slice on its own stream so that they run in parallel.
+
+    ``result_streams`` (a tree like the result's, or None: the default stream) says where each mean is taken."""
     if streams is None:
         return fn(x, y)
     parts = []
     for stream, x_part, y_part in zip(streams, mx.split(x, len(streams)), mx.split(y, len(streams)), strict=True):
         with mx.stream(stream):
             parts.append(fn(x_part, y_part))
-    return tree_map(lambda *values: sum(values) / len(values), *parts)
+
+    def mean(stream: mx.Stream | None, *values: mx.array) -> mx.array:
+        return on_stream(stream, lambda: sum(values) / len(values))
+
+    if result_streams is None:
+        return tree_map(partial(mean, None), *parts)
+    return tree_map(mean, result_streams, *parts)
+
+
+def clip_grad_norm(grads: dict, max_norm: float, grad_streams: Any = None) -> tuple[dict, mx.array]:
+    """(``grads`` scaled to a global norm of at most ``max_norm`` (unchanged if ``max_norm`` <= 0), the norm
+    before); ``grad_streams`` (see ``spread_over_streams``) says on which stream each gradient's share runs."""
+    streams = grad_streams if grad_streams is not None else tree_map(lambda _: None, grads)
+    squares = tree_map(lambda stream, g: on_stream(stream, lambda: mx.sum(mx.square(g))), streams, grads)
+    norm = mx.sqrt(sum(square for _, square in tree_flatten(squares)))
+    if max_norm <= 0:
+        return grads, norm
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # as optim.clip_grad_norm
+    return tree_map(lambda stream, g: on_stream(stream, lambda: g * scale), streams, grads), norm
 
 
 def ema_decay_at(decay: float, step: mx.array) -> mx.array:
@@ -270,28 +322,28 @@ class Trainer:
 
     def _build_steps(self) -> None:
         model, optimizer, cfg = self.model, self.optimizer, self.cfg
-        accum = cfg.gradient_accumulation_steps
         grad_fn = nn.value_and_grad(model, partial(loss_fn, label_smoothing=cfg.label_smoothing))
         guard = cfg.skip_nonfinite > 0
         ema = self.ema
         world_size, streams = self.world_size, self.streams
+        # Each parameter's share of the update (its gradient's mean over the streams, its part of the norm, its
+        # AdamW step) on one CPU stream, so that this part of a step is shared between the cores too.
+        grad_streams = spread_over_streams(model.trainable_parameters(), streams) if streams else None
+        optimizer.parameter_streams = grad_streams
 
-        def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
-            # x, y: [accum * batch, T]; gradients are averaged over the micro-batches.
-            loss, grads = mx.array(0.0), None
-            for xm, ym in zip(mx.split(x, accum), mx.split(y, accum), strict=True):
-                micro_loss, micro_grads = over_streams(partial(grad_fn, model), streams, xm, ym)
-                loss = loss + micro_loss / accum
-                grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
-            if accum > 1:
-                grads = tree_map(lambda g: g / accum, grads)
+        def gradients_on(stream: mx.Stream | None) -> Callable[[mx.array, mx.array], tuple[mx.array, dict]]:
+            return lambda x, y: on_stream(stream, grad_fn, model, x, y)
+
+        def update(parts: list[tuple[mx.array, dict]]) -> tuple[mx.array, mx.array]:
+            """The optimizer step from the (loss, gradients) of equal slices of the batch (streams and micro-batches):
+            their mean is the batch's."""
+            loss = sum(part_loss for part_loss, _ in parts) / len(parts)
+            grads = tree_map(lambda stream, *values: on_stream(stream, lambda: sum(values) / len(values)),
+                             grad_streams or tree_map(lambda _: None, parts[0][1]), *(g for _, g in parts))
             if world_size > 1:  # every rank gets the mean over the global batch
                 grads = nn.average_gradients(grads)
                 loss = mx.distributed.all_sum(loss) / world_size
-            if cfg.grad_clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-            else:
-                norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+            grads, norm = clip_grad_norm(grads, cfg.grad_clip, grad_streams)
             if guard:
                 old_params = model.parameters()
                 old_state = tree_map(lambda a: a, optimizer.state)  # new containers: update() mutates in place
@@ -310,21 +362,33 @@ class Trainer:
             loss = over_streams(partial(loss_fn, model), streams, x, y)
             return mx.distributed.all_sum(loss) / world_size if world_size > 1 else loss
 
+        # One gradient function per stream (None: the default stream).
+        self._gradients = [gradients_on(stream) for stream in streams or [None]]
+        self._update, self._eval_loss = update, eval_loss
         if cfg.compile:
-            # The model, the optimizer and the RNG (dropout) are state the compiled graph reads and writes.
-            state = [model.state, optimizer.state, mx.random.state] + ([ema] if ema is not None else [])
-            self._step = mx.compile(step, inputs=state, outputs=state)
+            # Compiled apart, one per stream: traced as one graph, mx.compile merged the streams' identical constants,
+            # and one stream's kernels then read the other's (waiting for it, in slower strided loops): 5 % of a step
+            # at the baby config. Each reads the model and the RNG (dropout); value_and_grad writes the model back.
+            stream_state = [model.state, mx.random.state]
+            self._gradients = [mx.compile(f, inputs=stream_state, outputs=stream_state) for f in self._gradients]
+            state = [model.state, optimizer.state] + ([ema] if ema is not None else [])
+            self._update = mx.compile(update, inputs=state, outputs=state)
             self._eval_loss = mx.compile(eval_loss, inputs=[model.state])
-        else:
-            self._step, self._eval_loss = step, eval_loss
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step on the next batch; returns (loss, gradient norm before clipping)."""
         x, y = self.sampler.next_batch()
-        # Dropout's randomness is a function of (seed, iteration), so a resumed run draws what a straight one does.
-        mx.random.seed(self.cfg.seed * 1_000_003 + self.iter)
         self.model.train()
-        loss, norm = self._step(mx.array(x), mx.array(y))
+        slices = self.cfg.gradient_accumulation_steps * len(self._gradients)
+        parts = []
+        for i, (x_part, y_part) in enumerate(zip(np.split(x, slices), np.split(y, slices), strict=True)):
+            # Dropout's randomness is a function of (seed, iteration, slice), so a resumed run draws what a straight
+            # one does, and each stream draws its own (a key passed from one stream to the next would chain them).
+            mx.random.seed(((self.cfg.seed * 1_000_003 + self.iter) * 1_000_003 + i) % 2**64)
+            parts.append(self._gradients[i % len(self._gradients)](mx.array(x_part), mx.array(y_part)))
+            if self.cfg.gradient_accumulation_steps > 1 and (i + 1) % len(self._gradients) == 0:
+                mx.eval(parts)  # one micro-batch's activations in memory at a time
+        loss, norm = self._update(parts)
         mx.eval(loss, norm, self.model.parameters(), self.optimizer.state, self.ema or {})
         self.iter += 1
         return loss.item(), norm.item()
