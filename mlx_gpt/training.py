@@ -105,24 +105,16 @@ def spread_over_streams(tree: Any, streams: list[mx.Stream]) -> Any:
 
 
 def over_streams(fn: Callable[[mx.array, mx.array], Any], streams: list[mx.Stream] | None, x: mx.array,
-                 y: mx.array, result_streams: Any = None) -> Any:
-    """``fn(x, y)`` (a mean over the batch, or a tree of them: the loss and its gradients), computed as the mean
-    over equal slices of the batch, each slice on its own stream so that they run in parallel.
-
-    ``result_streams`` (a tree like the result's, or None: the default stream) says where each mean is taken."""
+                 y: mx.array) -> Any:
+    """``fn(x, y)`` (a mean over the batch, or a tree of them), computed as the mean over equal slices of the
+    batch, each slice on its own stream so that they run in parallel."""
     if streams is None:
         return fn(x, y)
     parts = []
     for stream, x_part, y_part in zip(streams, mx.split(x, len(streams)), mx.split(y, len(streams)), strict=True):
         with mx.stream(stream):
             parts.append(fn(x_part, y_part))
-
-    def mean(stream: mx.Stream | None, *values: mx.array) -> mx.array:
-        return on_stream(stream, lambda: sum(values) / len(values))
-
-    if result_streams is None:
-        return tree_map(partial(mean, None), *parts)
-    return tree_map(mean, result_streams, *parts)
+    return tree_map(lambda *values: sum(values) / len(values), *parts)
 
 
 def clip_grad_norm(grads: dict, max_norm: float, grad_streams: Any = None) -> tuple[dict, mx.array]:
