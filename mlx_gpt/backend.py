@@ -49,10 +49,11 @@ INSTALL_HINT = (
 CPU_BUFFER_CACHE_BYTES = 4 << 30
 
 # How far breadth-first MLX orders a graph's operations for evaluation (MLX_BFS_MAX_WIDTH; MLX's default: 20).
-# A training step on the CPU is one graph holding one slice of the batch per stream (see split_cores), and MLX
-# lets only a few tasks wait per stream: at width 20 the order ran long stretches of one stream's work while the
-# other stream's thread sat idle (busy 60 % of the time with the blocked attention of ops.py, 8.1 s -> 14.7 s per
-# step at the default config). At 100 or 1000 both threads stay over 90 % busy; peak memory is unchanged.
+# A training step on the CPU is one evaluation holding one slice of the batch per stream (see split_cores), and
+# MLX keeps only a few tasks in flight: at width 20 the order ran long stretches of one stream's work while the
+# other stream's thread waited. With the blocked attention of ops.py both threads were then ~60 % busy and a
+# default-config step took 14.7 s; at 100 or 1000 both are over 90 % busy and it takes 8.1 s (peak memory
+# 5.6 -> 5.9 GB).
 EVAL_ORDER_WIDTH = "1000"
 
 # Added to MLX's CPU JIT command (g++ -std=c++17 -O3 -fPIC -shared ...). None changes a result: no fast-math.

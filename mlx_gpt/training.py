@@ -43,7 +43,7 @@ class AdamW(optim.AdamW):
     """AdamW as PyTorch (and nanoGPT) use it: bias correction on, weight decay only on tensors with ndim >= 2.
 
     ``parameter_streams`` (a tree like the parameters, see ``spread_over_streams``) runs each parameter's update
-    on its own CPU stream, so that the update of a step is shared between the cores too.
+    on the stream given for it, so that the update of a step is shared between the CPU's cores too.
     """
 
     def __init__(self, learning_rate: Any, betas: tuple[float, float], weight_decay: float) -> None:
@@ -91,17 +91,19 @@ def on_stream(stream: mx.Stream | None, fn: Callable[..., mx.array], *args: mx.a
         return fn(*args)
 
 
-def spread_over_streams(tree: Any, streams: list[mx.Stream]) -> Any:
-    """A tree like ``tree`` (of arrays) holding a stream for each array: the largest array goes to the stream
-    with the fewest elements so far, so that per-parameter work (gradient averaging, norm, update) is balanced."""
-    flat = tree_flatten(tree)
-    load = [0] * len(streams)
-    chosen = {}
-    for name, array in sorted(flat, key=lambda item: -item[1].size):
-        least = load.index(min(load))
-        load[least] += array.size
-        chosen[name] = streams[least]
-    return tree_unflatten([(name, chosen[name]) for name, _ in flat])
+def spread_over_streams(tree: Any, streams: list[mx.Stream] | None) -> Any:
+    """A tree like ``tree`` (of arrays) holding a stream for each array (None for all: the default stream, when
+    there are no ``streams``): the largest array goes to the stream with the fewest elements so far, so that
+    per-parameter work (gradient averaging, norm, update) is balanced."""
+    flat = tree_flatten(tree)  # and back below: no empty containers (nn.average_gradients drops them too)
+    chosen = dict.fromkeys((name for name, _ in flat), None)
+    if streams:
+        load = [0] * len(streams)
+        for name, array in sorted(flat, key=lambda item: -item[1].size):
+            least = load.index(min(load))
+            load[least] += array.size
+            chosen[name] = streams[least]
+    return tree_unflatten(list(chosen.items()))
 
 
 def over_streams(fn: Callable[[mx.array, mx.array], Any], streams: list[mx.Stream] | None, x: mx.array,
@@ -117,16 +119,15 @@ def over_streams(fn: Callable[[mx.array, mx.array], Any], streams: list[mx.Strea
     return tree_map(lambda *values: sum(values) / len(values), *parts)
 
 
-def clip_grad_norm(grads: dict, max_norm: float, grad_streams: Any = None) -> tuple[dict, mx.array]:
+def clip_grad_norm(grads: dict, max_norm: float, grad_streams: Any) -> tuple[dict, mx.array]:
     """(``grads`` scaled to a global norm of at most ``max_norm`` (unchanged if ``max_norm`` <= 0), the norm
     before); ``grad_streams`` (see ``spread_over_streams``) says on which stream each gradient's share runs."""
-    streams = grad_streams if grad_streams is not None else tree_map(lambda _: None, grads)
-    squares = tree_map(lambda stream, g: on_stream(stream, lambda: mx.sum(mx.square(g))), streams, grads)
+    squares = tree_map(lambda stream, g: on_stream(stream, lambda: mx.sum(mx.square(g))), grad_streams, grads)
     norm = mx.sqrt(sum(square for _, square in tree_flatten(squares)))
     if max_norm <= 0:
         return grads, norm
     scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)  # as optim.clip_grad_norm
-    return tree_map(lambda stream, g: on_stream(stream, lambda: g * scale), streams, grads), norm
+    return tree_map(lambda stream, g: on_stream(stream, lambda: g * scale), grad_streams, grads), norm
 
 
 def ema_decay_at(decay: float, step: mx.array) -> mx.array:
@@ -320,7 +321,7 @@ class Trainer:
         world_size, streams = self.world_size, self.streams
         # Each parameter's share of the update (its gradient's mean over the streams, its part of the norm, its
         # AdamW step) on one CPU stream, so that this part of a step is shared between the cores too.
-        grad_streams = spread_over_streams(model.trainable_parameters(), streams) if streams else None
+        grad_streams = spread_over_streams(model.trainable_parameters(), streams)
         optimizer.parameter_streams = grad_streams
 
         def gradients_on(stream: mx.Stream | None) -> Callable[[mx.array, mx.array], tuple[mx.array, dict]]:
@@ -331,7 +332,7 @@ class Trainer:
             their mean is the batch's."""
             loss = sum(part_loss for part_loss, _ in parts) / len(parts)
             grads = tree_map(lambda stream, *values: on_stream(stream, lambda: sum(values) / len(values)),
-                             grad_streams or tree_map(lambda _: None, parts[0][1]), *(g for _, g in parts))
+                             grad_streams, *(g for _, g in parts))
             if world_size > 1:  # every rank gets the mean over the global batch
                 grads = nn.average_gradients(grads)
                 loss = mx.distributed.all_sum(loss) / world_size

@@ -16,7 +16,7 @@ from mlx_gpt.config import GPTConfig, TrainConfig
 from mlx_gpt.data import Dataset
 from mlx_gpt.errors import MlxGptError
 from mlx_gpt.tokenizer import CharTokenizer
-from mlx_gpt.training import AdamW, Trainer, lr_schedule, run_configs
+from mlx_gpt.training import AdamW, Trainer, lr_schedule, run_configs, spread_over_streams
 
 TINY_MODEL = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -105,6 +105,14 @@ def test_a_batch_split_over_cpu_streams_trains_like_one_stream(small_text: Path,
     assert eval_one == pytest.approx(eval_four, rel=1e-5)
     for name, w in weights_one.items():
         np.testing.assert_allclose(np.array(w), np.array(weights_four[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_per_parameter_work_is_spread_over_the_streams_by_size() -> None:
+    tree = {"a": mx.zeros((10,)), "b": mx.zeros((6,)), "c": mx.zeros((5,)), "drop": {}}
+    first, second = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    assert spread_over_streams(tree, [first, second]) == {"a": first, "b": second, "c": second}
+    # without streams: the default stream for each, and no empty containers (the averaged gradients have none)
+    assert spread_over_streams(tree, None) == {"a": None, "b": None, "c": None}
 
 
 def test_overfits_a_200_character_text(tmp_path: Path) -> None:
