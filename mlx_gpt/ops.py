@@ -54,14 +54,14 @@ def query_blocks(t_q: int, causal: bool) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _causal_bias(first_position: int, t_q: int, t_k: int) -> mx.array:
+def _causal_bias(first_position: int, t_q: int, t_k: int, dtype: mx.Dtype) -> mx.array:
     """Additive mask [t_q, t_k]: query i (at ``first_position + i``) sees the keys up to its own position.
 
     Made from numpy, so that it is data rather than ops in a compiled graph: ``mx.compile`` merges identical
     ops across CPU streams, and a mask computed on one stream would make the other wait for it at every block.
     """
     visible = np.arange(first_position, first_position + t_q)[:, None] >= np.arange(t_k)[None]
-    return mx.array(np.where(visible, 0.0, -np.inf).astype(np.float32))
+    return mx.array(np.where(visible, 0.0, -np.inf).astype(np.float32), dtype=dtype)
 
 
 @functools.lru_cache
@@ -85,7 +85,7 @@ def _attention(scale: float, causal: bool) -> Any:
         q, k, v = mx.contiguous(q), mx.contiguous(k), mx.contiguous(v)
         outputs, exps, sums = [], [], []
         for a, z, n in blocks(t_q, t_k):
-            block_bias = _causal_bias(t_k - t_q + a, z - a, n) if causal else bias
+            block_bias = _causal_bias(t_k - t_q + a, z - a, n, q.dtype) if causal else bias
             scores = mx.addmm(block_bias, q[..., a:z, :], k[..., :n, :].swapaxes(-1, -2), alpha=scale)
             e = mx.exp(scores - mx.max(scores, axis=-1, keepdims=True))
             total = mx.sum(e, axis=-1, keepdims=True)

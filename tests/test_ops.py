@@ -83,3 +83,11 @@ def test_model_loss_and_gradients_with_fast_ops_match_plain_ops(monkeypatch: pyt
         scale = float(mx.abs(flat_plain[name]).max())
         np.testing.assert_allclose(np.array(g), np.array(flat_plain[name]), rtol=RTOL, atol=1e-5 * scale,
                                    err_msg=name)
+
+
+def test_half_precision_attention_keeps_its_dtype() -> None:
+    q = mx.random.normal((1, 2, 130, 16), key=mx.random.key(3)).astype(mx.float16)
+    got = ops.scaled_dot_product_attention(q, q, q, scale=0.25)
+    want = mx.fast.scaled_dot_product_attention(q, q, q, scale=0.25, mask="causal")
+    assert got.dtype == mx.float16
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=1e-2)
