@@ -180,16 +180,6 @@ def tune_cpu_jit() -> str:
     return jit_description
 
 
-def widen_eval_order() -> None:
-    """Let MLX's evaluation order interleave the CPU streams' work (see EVAL_ORDER_WIDTH). MLX reads the setting
-    at its first evaluation, so this runs on import, before any; a value the user set is kept. Only when the
-    default device is the CPU: a GPU runs one stream, and keeps MLX's own order."""
-    import mlx.core as mx
-
-    if "MLX_BFS_MAX_WIDTH" not in os.environ and mx.default_device().type == mx.DeviceType.cpu:
-        os.environ["MLX_BFS_MAX_WIDTH"] = EVAL_ORDER_WIDTH
-
-
 def _install_jit_compiler(compiler: Path, cxx: str) -> None:
     """Write the compiler script, after checking that this g++ accepts the flags (an old one may not)."""
     compiler.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +196,16 @@ def _install_jit_compiler(compiler: Path, cxx: str) -> None:
     tmp.write_text(script)
     tmp.chmod(0o755)
     os.replace(tmp, compiler)  # several processes may install at once: each writes the same script
+
+
+def widen_eval_order() -> None:
+    """Let MLX's evaluation order interleave the CPU streams' work (see EVAL_ORDER_WIDTH). MLX reads the setting
+    at its first evaluation, so this runs on import, before any; a value the user set is kept. Only when the
+    default device is the CPU: a GPU runs one stream, and keeps MLX's own order."""
+    import mlx.core as mx
+
+    if "MLX_BFS_MAX_WIDTH" not in os.environ and mx.default_device().type == mx.DeviceType.cpu:
+        os.environ["MLX_BFS_MAX_WIDTH"] = EVAL_ORDER_WIDTH
 
 
 def split_cores(processes_here: int, batch_size: int) -> tuple[int, str | None]:

@@ -39,6 +39,11 @@ DISTRIBUTED_ERROR = re.compile(r"\[(ring|mpi|nccl|jaccl)\]")  # how MLX's distri
 # ----------------------------------------------------------------------------- optimizer
 
 
+def stream_or_default(stream: mx.Stream | None) -> contextlib.AbstractContextManager:
+    """``with`` this: ops on ``stream``, or where they would go anyway (MLX's default stream) for None."""
+    return mx.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 class AdamW(optim.AdamW):
     """AdamW as PyTorch (and nanoGPT) use it: bias correction on, weight decay only on tensors with ndim >= 2.
 
@@ -58,7 +63,7 @@ class AdamW(optim.AdamW):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         stream = next(self._next_stream) if self._next_stream is not None else None
-        with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+        with stream_or_default(stream):
             if parameter.ndim < 2:  # biases and LayerNorm gains are not decayed
                 return optim.Adam.apply_single(self, gradient, parameter, state)
             return super().apply_single(gradient, parameter, state)
@@ -87,7 +92,7 @@ def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) 
 
 def on_stream(stream: mx.Stream | None, fn: Callable[..., mx.array], *args: mx.array) -> mx.array:
     """``fn(*args)`` with its ops on ``stream`` (None: the default stream)."""
-    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+    with stream_or_default(stream):
         return fn(*args)
 
 
