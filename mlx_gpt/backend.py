@@ -59,10 +59,15 @@ EVAL_ORDER_WIDTH = "1000"
 # Added to MLX's CPU JIT command (g++ -std=c++17 -O3 -fPIC -shared ...). None changes a result: no fast-math.
 # -march=native: this CPU's vector units (AVX2/AVX-512, FMA: std::fma becomes one instruction, not a call);
 # -fno-trapping-math: lets the vectoriser turn MLX's NaN/range checks into blends (only the order of
-# floating-point exception flags, which nothing reads, may change); -finline-limit: inlines MLX's simd::exp
-# and simd::erf into the kernel's loop so that it can vectorise; -ffp-contract=off: no a*b+c fused where the
-# source has two operations (g++'s default in ISO C++ mode, stated because bit-identical results depend on it).
-JIT_FLAGS = ("-march=native", "-fno-trapping-math", "-finline-limit=10000", "-ffp-contract=off")
+# floating-point exception flags, which nothing reads, may change); -fno-math-errno: sqrt without the errno
+# check, so that loops with sqrt or rsqrt (AdamW's update, LayerNorm) vectorise (nothing reads errno either);
+# vect-max-version-for-alias-checks: a fused kernel can have a dozen input and output pointers, and g++ gives
+# up on vectorising once the runtime overlap checks they need pass its default of 10 (AdamW's update was one
+# such scalar loop); -finline-limit: inlines MLX's simd::exp and simd::erf into the kernel's loop so that it
+# can vectorise; -ffp-contract=off: no a*b+c fused where the source has two operations (g++'s default in ISO
+# C++ mode, stated because bit-identical results depend on it).
+JIT_FLAGS = ("-march=native", "-fno-trapping-math", "-fno-math-errno", "--param=vect-max-version-for-alias-checks=64",
+             "-finline-limit=10000", "-ffp-contract=off")
 
 # The compiler MLX finds first on PATH. It writes the library under a temporary name and renames it into place,
 # so that processes sharing the kernel cache (the ranks of one job) never load a half-written one.

@@ -67,7 +67,8 @@ def test_importing_mlx_gpt_widens_mlx_eval_order_on_the_cpu_unless_the_user_set_
     assert width(MLX_BFS_MAX_WIDTH="7") == "7"
 
 
-# A compiled function whose kernels use exp, erf and selects: GELU's value and gradient, causal attention's.
+# Compiled functions whose kernels use exp, erf and selects (GELU's value and gradient, causal attention's), and
+# sqrt and rsqrt in a kernel with many inputs and outputs (an AdamW-like update, LayerNorm's gradient).
 _JIT_PROBE = """
 import hashlib, mlx_gpt
 import mlx.core as mx, mlx.nn as nn
@@ -76,8 +77,13 @@ x = mx.random.normal((2, 3, 150, 16), key=mx.random.key(0)) * 2
 attend = lambda z: ops.scaled_dot_product_attention(nn.gelu(z), z, z, scale=0.25)
 step = mx.compile(lambda a: mx.vjp(attend, [a], [mx.cos(a)]))
 out, grads = step(x)
+def update(p, g, m, v):
+    m, v = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * mx.square(g)
+    return p * (1 - 1e-3) - 0.1 * m / (mx.sqrt(v) + 1e-8), m, v
+norm = mx.compile(mx.grad(lambda z: (nn.LayerNorm(16)(z) * mx.cos(z)).sum()))
+arrays = [*out, *grads, *mx.compile(update)(x, mx.sin(x), mx.cos(x), mx.abs(x)), norm(x)]
 print(backend.jit_description)
-print(hashlib.sha256(memoryview(out[0]).tobytes() + memoryview(grads[0]).tobytes()).hexdigest())
+print(hashlib.sha256(b"".join(memoryview(a).tobytes() for a in arrays)).hexdigest())
 """
 
 
