@@ -15,6 +15,7 @@ Environment:
     MLX_GPT_OPENBLAS=0        do not load a system BLAS
     MLX_GPT_OPENBLAS=/path    load this library instead of searching
     MLX_GPT_CPU_JIT=0         leave MLX's CPU kernel compiler as it is
+    MLX_GPT_CPU_STREAMS=N     split a batch over N CPU streams (default: one per core; 1: off)
     MLX_BFS_MAX_WIDTH=N       MLX's own setting, kept if set (else EVAL_ORDER_WIDTH on the CPU)
 """
 
