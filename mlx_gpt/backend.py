@@ -136,7 +136,7 @@ def load_blas() -> str:
     return blas_description
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -144,6 +144,18 @@ def _cpu_identity() -> str:
         return platform.processor()
     wanted = ("model name", "flags", "Features", "CPU part")
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def _path_without_jit_compiler() -> str:
+    """PATH without the directory of the compiler script that tune_cpu_jit puts first (child processes inherit it)."""
+    return os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
+                           if Path(entry).parent.parent.name != "cpu-kernels")
+
+
+def system_cxx() -> str | None:
+    """The real g++ (not tune_cpu_jit's script in front of it), or None."""
+    cxx = shutil.which("g++", path=_path_without_jit_compiler())
+    return os.path.realpath(cxx) if cxx is not None else None
 
 
 def tune_cpu_jit() -> str:
@@ -162,15 +174,12 @@ def tune_cpu_jit() -> str:
         return jit_description
     from .data import cache_dir
 
-    # The real g++: child processes inherit a PATH that starts with the script installed below.
-    search_path = os.pathsep.join(entry for entry in os.environ.get("PATH", "").split(os.pathsep)
-                                  if Path(entry).parent.parent.name != "cpu-kernels")
-    cxx = shutil.which("g++", path=search_path)
+    search_path = _path_without_jit_compiler()
+    cxx = system_cxx()
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64") or cxx is None:
         jit_description = "MLX default"
         return jit_description
-    cxx = os.path.realpath(cxx)
-    key = hashlib.sha256("\n".join([cxx, *JIT_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([cxx, *JIT_FLAGS, cpu_identity()]).encode()).hexdigest()[:16]
     root = cache_dir() / "cpu-kernels" / key
     compiler = root / "bin" / "g++"
     if not compiler.exists():

@@ -41,6 +41,13 @@ def init_weights(module: nn.Module, residual_branches: int) -> None:
     module.update(tree_map_with_path(init, module.parameters()))
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and names), computed by ``ops.layer_norm``: fused on the CPU too."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return ops.layer_norm(x, self.weight, self.get("bias"), self.eps)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
@@ -58,7 +65,12 @@ class CausalSelfAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None) -> mx.array:
         B, T, C = x.shape
-        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
+        qkv = self.c_attn(x)
+        if cache is None and isinstance(mask, str) and mask == "causal":
+            y = ops.causal_attention(qkv, self.n_head)  # the CPU kernel, on q, k, v where they lie (or None)
+            if y is not None:
+                return self.resid_dropout(self.c_proj(y))
+        q, k, v = mx.split(qkv, 3, axis=-1)
         # [B, T, C] -> [B, n_head, T, head_dim]
         q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
         if cache is not None:
@@ -121,12 +133,12 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, cross_attention: bool = False) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         if cross_attention:
-            self.ln_cross = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.ln_cross = LayerNorm(config.n_embd, bias=config.bias)
             self.cross_attn = CrossAttention(config)
 
     def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None,
@@ -149,7 +161,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
         if not config.tie_weights:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.lm_head_bias:

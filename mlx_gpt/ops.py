@@ -1,10 +1,21 @@
-"""Attention for MLX's CPU backend, chosen per device.
+"""Attention and LayerNorm for MLX's CPU backend, chosen per device.
 
-Why: on a GPU (Metal or CUDA) ``mx.fast.scaled_dot_product_attention`` is one fused kernel. On the CPU it falls
-back to separate ops: a matmul, MLX's precompiled ``softmax`` (which evaluates ``exp`` one element at a time,
-16 ns per element here) and another matmul, every one of them over the whole [T_q, T_k] score matrix, the
-masked half of a causal one included. The version here does what a fused CPU kernel (PyTorch's flash
-attention) does, in MLX ops:
+On a GPU (Metal or CUDA) these are MLX's fused kernels. On the CPU (``on_cpu()``, decided when the model is traced):
+
+- LayerNorm: ``mx.fast.layer_norm`` is there its fallback graph of reductions and elementwise kernels; ``layer_norm``
+  takes the C++ kernel pair of ``csrc/layer_norm.cpp`` instead (one pass each way);
+- causal self-attention of up to ``FUSED_ATTENTION_MAX_T`` tokens: ``causal_attention`` runs the C++ kernels of
+  ``csrc/attention.cpp`` on the q/k/v projection's output as it lies, [B, T, 3C], writing [B, T, C], so the head
+  transposes and their copies go too;
+- any other attention (longer sequences, masks, a prefill after a cache): the blocked attention below, in MLX ops.
+
+The C++ kernels are built on first use (``native.py``); where they cannot be, MLX's ops stand in. Everything here
+matches MLX's fused kernels to <= 1e-5 relative, values and gradients (tests/test_ops.py).
+
+Blocked attention. Why: on the CPU, ``mx.fast.scaled_dot_product_attention`` falls back to separate ops: a matmul,
+MLX's precompiled ``softmax`` (which evaluates ``exp`` one element at a time, 16 ns per element here) and another
+matmul, every one of them over the whole [T_q, T_k] score matrix, the masked half of a causal one included. The
+version here does what a fused CPU kernel (PyTorch's flash attention) does, in MLX ops:
 
 - causal attention runs in blocks of ~``QUERY_BLOCK`` queries, each against the keys it can see, so the masked
   upper triangle is mostly never computed (5/8 of the work at T = 256);
@@ -18,22 +29,27 @@ Measured at the default config's shape (32 x 6 heads, T = 256, d = 64, one threa
 model's [B, T, 3C] projection and back, both in one process): 184 ms, against 247 ms for matmul + softmax + matmul.
 PyTorch's fused kernel takes 171 ms on contiguous q, k, v.
 
-The rule per device: the CPU version applies only when MLX's default device is the CPU at the time the model is
-traced, and only for more than one query per row (a decoding step takes the fused kernel, which does a single
-query well). ``MLX_GPT_FAST_CPU_OPS=0`` in the environment turns it off (to compare, or to rule it out). It
-matches the fused kernel to <= 1e-5 relative, values and gradients (tests/test_ops.py).
+Neither CPU attention applies to a single query per row: a decoding step takes the fused kernel, which does one
+query well. ``MLX_GPT_FAST_CPU_OPS=0`` in the environment turns all of this module's CPU versions off (to compare,
+or to rule them out).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from . import native
+
 FAST_CPU_OPS = os.environ.get("MLX_GPT_FAST_CPU_OPS", "1") != "0"
+
+# The C++ kernels (csrc/, see native.py) the functions here use on the CPU.
+CPU_KERNELS = ("layer_norm", "attention")
 
 # Queries per block of causal attention. Smaller blocks skip more of the masked triangle but make smaller,
 # less efficient matmuls: at T = 256 (32 x 6 heads, d = 64, one thread) blocks of 256, 128, 64 and 32 took
@@ -146,3 +162,63 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
     else:
         bias = mask.astype(q.dtype)
     return _attention(float(scale), isinstance(mask, str))(q, k, v, bias)[0]
+
+
+@functools.lru_cache
+def _layer_norm(eps: float, has_bias: bool) -> Any:
+    """``f(x, weight[, bias])`` -> (y, mean, rstd): the C++ kernels with the backward as their VJP."""
+    kernels = native.load("layer_norm")
+
+    @mx.custom_function
+    def layer_norm(x: mx.array, weight: mx.array, *bias: mx.array) -> tuple[mx.array, ...]:
+        return tuple(kernels.forward(mx.contiguous(x), weight, bias[0] if has_bias else None, eps))
+
+    @layer_norm.vjp
+    def layer_norm_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple[mx.array, ...]:
+        x, weight = primals[:2]
+        _, mean, rstd = outputs
+        d_y = mx.contiguous(cotangents[0])
+        return tuple(kernels.backward(mx.contiguous(x), weight, mean, rstd, d_y, has_bias))
+
+    return layer_norm
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array | None, eps: float) -> mx.array:
+    """LayerNorm over the last axis (``mx.fast.layer_norm``'s arguments): on the CPU, the fused C++ kernels."""
+    fused = (on_cpu() and x.dtype == weight.dtype == mx.float32 and (bias is None or bias.dtype == mx.float32)
+             and weight.ndim == 1 and native.load("layer_norm") is not None)
+    if not fused:
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    return _layer_norm(float(eps), bias is not None)(x, weight, *([bias] if bias is not None else []))[0]
+
+
+# The longest sequence the C++ attention takes: its loops beat the blocked attention's matmuls on short rows only.
+FUSED_ATTENTION_MAX_T = 128
+
+
+@functools.lru_cache
+def _causal_attention(heads: int, scale: float) -> Any:
+    """``f(qkv)`` -> (y, softmax weights): the C++ kernels with the backward as their VJP."""
+    kernels = native.load("attention")
+
+    @mx.custom_function
+    def attention(qkv: mx.array) -> tuple[mx.array, mx.array]:
+        return tuple(kernels.forward(mx.contiguous(qkv), heads, scale))
+
+    @attention.vjp
+    def attention_vjp(qkv: mx.array, cotangents: tuple, outputs: tuple) -> mx.array:  # one primal: not a tuple
+        y, weights = outputs
+        return kernels.backward(mx.contiguous(qkv), weights, y, mx.contiguous(cotangents[0]), heads, scale)
+
+    return attention
+
+
+def causal_attention(qkv: mx.array, heads: int) -> mx.array | None:
+    """Causal self-attention [B, T, C] straight from the fused projection's output ``qkv`` [B, T, 3C] (q, k, v side
+    by side, heads side by side in each), by the C++ kernels; None where they do not apply (not the CPU, not
+    float32, longer than FUSED_ATTENTION_MAX_T, or not built): then use ``scaled_dot_product_attention``."""
+    if not (on_cpu() and qkv.dtype == mx.float32 and 1 < qkv.shape[1] <= FUSED_ATTENTION_MAX_T
+            and native.load("attention") is not None):
+        return None
+    scale = 1.0 / math.sqrt(qkv.shape[-1] // (3 * heads))
+    return _causal_attention(heads, scale)(qkv)[0]

@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from tqdm import tqdm
 
-from . import backend
+from . import backend, native, ops
 from .checkpoint import Checkpoint, check_arrays, replace_with_copy
 from .config import GPTConfig, TrainConfig, load_preset, split_fields
 from .data import BatchSampler, Dataset
@@ -642,6 +642,8 @@ def banner(model: GPT, model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset,
     ]
     if cpu_note:
         lines.append(cpu_note)
+    if device == "cpu" and ops.on_cpu():
+        lines.append(f"CPU kernels: {native.describe(ops.CPU_KERNELS)}")
     if backend.blas_hint and device == "cpu":
         lines.append(backend.blas_hint)
     return "\n".join(lines)

@@ -1,6 +1,13 @@
-"""The CPU attention (mlx_gpt/ops.py) agrees with MLX's fused kernel to <= 1e-5 relative, values and gradients."""
+"""The CPU attention and LayerNorm (mlx_gpt/ops.py) agree with MLX's fused kernels to <= 1e-5 relative, values and
+gradients; the C++ kernels build here and are the ones a model uses, and a build that cannot happen leaves MLX's
+ops in use."""
 
 from __future__ import annotations
+
+import io
+import shutil
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -8,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_gpt import ops
+from mlx_gpt import native, ops
 from mlx_gpt.config import GPTConfig
 from mlx_gpt.model import GPT
 
@@ -91,3 +98,117 @@ def test_half_precision_attention_keeps_its_dtype() -> None:
     want = mx.fast.scaled_dot_product_attention(q, q, q, scale=0.25, mask="causal")
     assert got.dtype == mx.float16
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=1e-2)
+
+
+def ops_in_graph(*outputs: mx.array) -> str:
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return dot.getvalue()
+
+
+# What the CPU LayerNorm needs to be built (as in native._build_inputs); CI and this machine have all of it.
+CAN_BUILD = sys.platform.startswith("linux") and shutil.which("g++") is not None
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="the C++ kernels are built on Linux with g++ only")
+def test_the_cpu_kernels_build_and_are_the_ones_a_model_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ops.CPU_KERNELS:
+        assert native.load(name) is not None, native.status[name]
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    graph = ops_in_graph(model(mx.zeros((2, 8), dtype=mx.int32)))
+    assert "CpuLayerNorm" in graph and "CpuCausalAttention" in graph
+    monkeypatch.setattr(ops, "FUSED_ATTENTION_MAX_T", 4)  # longer sequences: the blocked attention in MLX ops
+    graph = ops_in_graph(model(mx.zeros((2, 8), dtype=mx.int32)))
+    assert "CpuCausalAttention" not in graph and "AddMM" in graph
+
+
+# (batch, T, heads, head_dim): T within one vector of the kernel's 16 lanes, across several, and past its groups of
+# four vectors; head dims that are, and are not, multiples of 16
+ATTENTION_SHAPES = [(2, 5, 2, 8), (3, 37, 4, 20), (2, 64, 4, 32), (1, 70, 1, 80), (2, 100, 2, 48)]
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="the C++ attention is built on Linux with g++ only")
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def test_causal_attention_from_qkv_matches_the_fused_kernel(shape: tuple[int, int, int, int]) -> None:
+    batch, t, heads, head_dim = shape
+    width = heads * head_dim
+    qkv = mx.random.normal((batch, t, 3 * width), key=mx.random.key(5))
+    cotangent = mx.random.normal((batch, t, width), key=mx.random.key(6))
+
+    def reference(qkv: mx.array) -> mx.array:  # what CausalSelfAttention does on a GPU
+        q, k, v = (part.reshape(batch, t, heads, head_dim).transpose(0, 2, 1, 3) for part in mx.split(qkv, 3, -1))
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, mask="causal")
+        return y.transpose(0, 2, 1, 3).reshape(batch, t, width)
+
+    (got,), (got_grad,) = mx.vjp(lambda qkv: ops.causal_attention(qkv, heads), [qkv], [cotangent])
+    (want,), (want_grad,) = mx.vjp(reference, [qkv], [cotangent])
+    assert "CpuCausalAttentionVJP" in ops_in_graph(got_grad)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), rtol=RTOL, atol=ATOL)
+
+
+def test_causal_attention_leaves_what_it_does_not_take_to_the_caller() -> None:
+    qkv = mx.zeros((1, 4, 24))
+    assert ops.causal_attention(qkv.astype(mx.float16), 2) is None  # float32 only
+    assert ops.causal_attention(qkv[:, :1], 2) is None  # one query: the fused kernel's decoding path
+    assert ops.causal_attention(mx.zeros((1, ops.FUSED_ATTENTION_MAX_T + 1, 24)), 2) is None
+
+
+# (shape of x, bias): rows a multiple of the kernels' 16 lanes or not, widths too; with and without a bias
+LAYER_NORM_CASES = {"model_shape": ((2, 37, 128), False), "bias": ((2, 37, 128), True),
+                    "odd_width": ((3, 5, 50), True), "narrow": ((7, 3), False)}
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="the C++ LayerNorm is built on Linux with g++ only")
+@pytest.mark.parametrize("case", list(LAYER_NORM_CASES))
+@pytest.mark.parametrize("transposed_input", [False, True])
+def test_layer_norm_matches_mx_fast_values_and_gradients(case: str, transposed_input: bool) -> None:
+    shape, has_bias = LAYER_NORM_CASES[case]
+    keys = [mx.random.key(i) for i in range(4)]
+    x = mx.random.normal(shape, key=keys[0]) * 3 + 1
+    if transposed_input:  # a view that is not row-contiguous: the kernels take a copy
+        x = mx.random.normal(shape[::-1], key=keys[0]).T
+    params = [mx.random.normal(shape[-1:], key=keys[1])] + ([mx.random.normal(shape[-1:], key=keys[2])] * has_bias)
+    cotangent = mx.random.normal(shape, key=keys[3])
+
+    def run(layer_norm):
+        return mx.vjp(lambda x, w, *b: layer_norm(x, w, b[0] if b else None, 1e-5), [x, *params], [cotangent])
+
+    (got,), got_grads = run(ops.layer_norm)
+    (want,), want_grads = run(mx.fast.layer_norm)
+    assert "CpuLayerNormVJP" in ops_in_graph(*got_grads)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=ATOL)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        # dweight and dbias are sums over all rows: compare relative to their scale
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=RTOL, atol=RTOL * float(mx.abs(w).max()))
+
+
+def test_layer_norm_without_the_kernels_is_mlx_s_op(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: it would have to build
+    monkeypatch.setattr(native.backend, "system_cxx", lambda: None)
+    native.load.cache_clear()
+    try:
+        assert native.load("layer_norm") is None
+        said = native.status["layer_norm"]
+        assert said == "MLX's own ops (no g++ on PATH)" or "Linux only" in said
+        x, w = mx.ones((2, 8)), mx.ones((8,))
+        assert "CpuLayerNorm" not in ops_in_graph(ops.layer_norm(x, w, None, 1e-5))
+        assert ops.causal_attention(mx.ones((1, 4, 24)), 2) is None
+    finally:
+        native.load.cache_clear()
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="the C++ LayerNorm is built on Linux with g++ only")
+def test_a_failed_build_says_why_and_leaves_no_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "SOURCE_DIR", tmp_path)
+    native.load.cache_clear()
+    try:
+        assert native.load("broken") is None
+        said = native.status["broken"]
+        assert said.startswith("MLX's own ops (build failed: ") and "error" in said
+        assert not list((tmp_path / "mlx-gpt").rglob("_broken*"))  # no module, no temporary file left
+    finally:
+        native.load.cache_clear()

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from ..config import GPTConfig, dataclass_from_dict
 from ..errors import MlxGptError
-from ..model import Block, Mask, init_weights
+from ..model import Block, LayerNorm, Mask, init_weights
 from .cache import DecoderCache, KVCache
 
 
@@ -124,7 +124,7 @@ class Encoder(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = [Block(cfg) for _ in range(cfg.n_layer)]
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
 
     def __call__(self, src_ids: mx.array, src_padding_mask: mx.array | None = None,
                  check_masks: bool = True) -> mx.array:
@@ -153,7 +153,7 @@ class Decoder(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = [Block(cfg, cross_attention=True) for _ in range(cfg.n_layer)]
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
 
     def cross_inputs(self, encoder_hidden_states: mx.array, src_padding_mask: mx.array | None = None,
                      check_masks: bool = True) -> tuple[list[tuple[mx.array, mx.array]], Mask]:
