@@ -106,7 +106,7 @@ def ops_in_graph(*outputs: mx.array) -> str:
     return dot.getvalue()
 
 
-# What the CPU LayerNorm needs to be built (as in native._build_inputs); CI and this machine have all of it.
+# What the C++ kernels need to be built (as in native._build_inputs); CI and this machine have all of it.
 CAN_BUILD = sys.platform.startswith("linux") and shutil.which("g++") is not None
 
 
@@ -183,7 +183,7 @@ def test_layer_norm_matches_mx_fast_values_and_gradients(case: str, transposed_i
         np.testing.assert_allclose(np.array(g), np.array(w), rtol=RTOL, atol=RTOL * float(mx.abs(w).max()))
 
 
-def test_layer_norm_without_the_kernels_is_mlx_s_op(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_without_a_compiler_the_cpu_ops_are_mlx_s(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: it would have to build
     monkeypatch.setattr(native.backend, "system_cxx", lambda: None)
     native.load.cache_clear()
@@ -198,7 +198,7 @@ def test_layer_norm_without_the_kernels_is_mlx_s_op(monkeypatch: pytest.MonkeyPa
         native.load.cache_clear()
 
 
-@pytest.mark.skipif(not CAN_BUILD, reason="the C++ LayerNorm is built on Linux with g++ only")
+@pytest.mark.skipif(not CAN_BUILD, reason="the C++ kernels are built on Linux with g++ only")
 def test_a_failed_build_says_why_and_leaves_no_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
