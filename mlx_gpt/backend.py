@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import json
 import os
@@ -136,6 +137,13 @@ def load_blas() -> str:
     return blas_description
 
 
+def builds_for_this_cpu() -> bool:
+    """Whether mlx-gpt compiles code for this CPU at all (MLX's JIT flags, the C++ kernels): Linux on x86-64 or
+    arm64, with g++ (see system_cxx)."""
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+
+
+@functools.lru_cache
 def cpu_identity() -> str:
     """What -march=native depends on: the CPU's model and feature flags."""
     try:
@@ -176,7 +184,7 @@ def tune_cpu_jit() -> str:
 
     search_path = _path_without_jit_compiler()
     cxx = system_cxx()
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64") or cxx is None:
+    if not builds_for_this_cpu() or cxx is None:
         jit_description = "MLX default"
         return jit_description
     key = hashlib.sha256("\n".join([cxx, *JIT_FLAGS, cpu_identity()]).encode()).hexdigest()[:16]

@@ -55,7 +55,7 @@ status: dict[str, str] = {}
 def _build_inputs() -> tuple[str, list[str], str] | str:
     """(the compiler, its arguments but the source and output, what else the build depends on) to build a module
     here, or why one cannot be built."""
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"):
+    if not backend.builds_for_this_cpu():
         return f"not built for {sys.platform}/{platform.machine()} (Linux only)"
     cxx = backend.system_cxx()
     if cxx is None:

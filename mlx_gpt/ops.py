@@ -166,19 +166,20 @@ def scaled_dot_product_attention(q: mx.array, k: mx.array, v: mx.array, scale: f
 
 @functools.lru_cache
 def _layer_norm(eps: float, has_bias: bool) -> Any:
-    """``f(x, weight[, bias])`` -> (y, mean, rstd): the C++ kernels with the backward as their VJP."""
+    """``f(x, weight[, bias])`` -> (y, mean, rstd, x as the kernels read it): the C++ kernels with the backward as
+    their VJP."""
     kernels = native.load("layer_norm")
 
     @mx.custom_function
     def layer_norm(x: mx.array, weight: mx.array, *bias: mx.array) -> tuple[mx.array, ...]:
-        return tuple(kernels.forward(mx.contiguous(x), weight, bias[0] if has_bias else None, eps))
+        x = mx.contiguous(x)  # returned too, so that the backward reads this one rather than copying again
+        return (*kernels.forward(x, weight, bias[0] if has_bias else None, eps), x)
 
     @layer_norm.vjp
     def layer_norm_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple[mx.array, ...]:
-        x, weight = primals[:2]
-        _, mean, rstd = outputs
+        _, mean, rstd, x = outputs
         d_y = mx.contiguous(cotangents[0])
-        return tuple(kernels.backward(mx.contiguous(x), weight, mean, rstd, d_y, has_bias))
+        return tuple(kernels.backward(x, primals[1], mean, rstd, d_y, has_bias))
 
     return layer_norm
 
@@ -198,17 +199,19 @@ FUSED_ATTENTION_MAX_T = 128
 
 @functools.lru_cache
 def _causal_attention(heads: int, scale: float) -> Any:
-    """``f(qkv)`` -> (y, softmax weights): the C++ kernels with the backward as their VJP."""
+    """``f(qkv)`` -> (y, softmax weights, qkv as the kernels read it): the C++ kernels with the backward as their
+    VJP."""
     kernels = native.load("attention")
 
     @mx.custom_function
-    def attention(qkv: mx.array) -> tuple[mx.array, mx.array]:
-        return tuple(kernels.forward(mx.contiguous(qkv), heads, scale))
+    def attention(qkv: mx.array) -> tuple[mx.array, ...]:
+        qkv = mx.contiguous(qkv)  # returned too, so that the backward reads this one rather than copying again
+        return (*kernels.forward(qkv, heads, scale), qkv)
 
     @attention.vjp
-    def attention_vjp(qkv: mx.array, cotangents: tuple, outputs: tuple) -> mx.array:  # one primal: not a tuple
-        y, weights = outputs
-        return kernels.backward(mx.contiguous(qkv), weights, y, mx.contiguous(cotangents[0]), heads, scale)
+    def attention_vjp(primal: mx.array, cotangents: tuple, outputs: tuple) -> mx.array:  # one primal: not a tuple
+        y, weights, qkv = outputs
+        return kernels.backward(qkv, weights, y, mx.contiguous(cotangents[0]), heads, scale)
 
     return attention
 
