@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mlx_gpt import backend, cli
+from mlx_gpt import cli, cpu
 from mlx_gpt.errors import MlxGptError
 
 DASHES = "-" * 40
@@ -59,12 +59,14 @@ def main() -> int:
     if not prompt:
         raise MlxGptError("the prompt is empty; the model needs at least one character to continue "
                           "(the default is a newline: leave out --prompt)")
-    backend.select_device(args.device)
+    cpu.enable(build_kernels=False)  # before MLX is imported; sampling never waits for a compiler
     import mlx.core as mx
 
     from mlx_gpt.checkpoint import load_model
+    from mlx_gpt.device import select_device
     from mlx_gpt.sampling import generate, make_logits_processors, make_sampler
 
+    select_device(args.device)
     sampler = make_sampler(args.temperature, args.top_k, args.top_p, args.min_p)
     processors = make_logits_processors(args.repetition_penalty, args.repetition_context_size)
     model, tokenizer, _ = load_model(args.ckpt, weights=args.weights)
@@ -72,7 +74,7 @@ def main() -> int:
     if args.seed is not None:
         mx.random.seed(args.seed)
     steps = generate(model, tokenizer, prompt, args.max_new_tokens, sampler, num_samples=args.num_samples,
-                     logits_processors=processors)
+                     logits_processors=processors, history_size=args.repetition_context_size)
     out = sys.stdout
     try:
         if args.num_samples == 1:  # stream

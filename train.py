@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlx_gpt import backend, cli
+from mlx_gpt import cli, cpu
 from mlx_gpt.config import TrainConfig
 from mlx_gpt.errors import MlxGptError
-from mlx_gpt.training import resolve_resume, run_configs, train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,20 +51,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
     r.add_argument("--resume", action="store_true", default=False, help="continue from out_dir/latest.npz")
     r.add_argument("--ckpt", default=None, help="with --resume: the checkpoint to continue from")
+    r.add_argument("--force", action="store_true", default=False,
+                   help="start a new run in an out_dir that holds checkpoints (they are kept)")
     r.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
     return p.parse_args(argv)
 
 
 def main() -> int:
     args = parse_args()
-    run_flags = {"config", "device", "resume", "ckpt", "debug"}
+    run_flags = {"config", "device", "resume", "ckpt", "force", "debug"}
     flags = {k: v for k, v in vars(args).items() if k not in run_flags}
     if args.ckpt and not args.resume:
         raise MlxGptError("--ckpt is for --resume; to sample from a checkpoint use sample.py --ckpt")
-    device = backend.select_device(args.device)
+    if args.force and args.resume:
+        raise MlxGptError("--force starts a new run; --resume continues one: pass one of them")
+    cpu.enable(build_kernels=True)  # before MLX is imported: it may load a BLAS for MLX
+    from mlx_gpt.device import select_device
+    from mlx_gpt.training import resolve_resume, run_configs, train
+
+    device = select_device(args.device)
     resume = resolve_resume(Path(flags.get("out_dir", TrainConfig.out_dir)), args.ckpt) if args.resume else None
     model_cfg, train_cfg = run_configs(getattr(args, "config", None), flags, resume)
-    train(model_cfg, train_cfg, resume=resume, device=device)
+    train(model_cfg, train_cfg, resume=resume, device=device, force=args.force)
     return 0
 
 

@@ -20,9 +20,8 @@ drop its oldest entry and go on: every cached key was computed at a position tha
 So a sequence of any length can be generated, each new token is predicted from at least
 ``block_size // 2`` tokens of context (once there are that many), and a re-prefill of
 ``block_size // 2`` tokens happens every ``block_size - block_size // 2 + 1`` new tokens (every
-129 at block 256). ``window_start`` states the rule without a cache, so that the recomputing
-sampler (``sampling.generate_step(..., method="recompute")``) sees exactly the same windows and
-draws the same tokens.
+129 at block 256). ``window_start`` states the rule on its own, so that a sampler without a cache can follow the same
+windows (the tests check that the cached one draws the same tokens).
 """
 
 from __future__ import annotations
@@ -81,17 +80,6 @@ class KVCache:
     def reset(self) -> None:
         """Forget the sequence (the buffers are kept and overwritten)."""
         self.offset = 0
-
-    @property
-    def state(self) -> tuple[mx.array, mx.array] | None:
-        """The filled part of the buffers (for ``mx.eval``), or None when empty."""
-        if self.keys is None:
-            return None
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
 def make_cache(model: Any, step: int | None = None) -> list[KVCache]:

@@ -20,9 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
-import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,76 +30,12 @@ from mlx.utils import tree_flatten
 
 from .config import GPTConfig
 from .errors import MlxGptError
+from .files import write_atomic
 from .model import GPT
 from .tokenizer import CharTokenizer
 
 FORMAT = "mlx-gpt"
 VERSION = 1
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: folders cannot be opened; rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# Test hook (fault-injection tests only): seconds to sleep in the middle of writing a temp file and again
-# before each rename, so a test can kill or interrupt a run inside a save. Unset (the default): no pause.
-TEST_SAVE_DELAY_ENV = "MLX_GPT_TEST_SAVE_DELAY"
-
-
-def _test_pause() -> None:
-    delay = os.environ.get(TEST_SAVE_DELAY_ENV)
-    if delay:
-        time.sleep(float(delay))
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that a crash leaves either the old file or the new one."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            half = len(payload) // 2
-            f.write(payload[:half])
-            f.flush()
-            _test_pause()  # a half-written temp file on disk
-            f.write(payload[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        _test_pause()  # complete temp file, not yet renamed
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def replace_with_copy(source: Path, dest: Path) -> None:
-    """Atomically make ``dest`` a copy of ``source`` (a hard link when the file system allows)."""
-    tmp = _temp_path(dest)
-    tmp.unlink(missing_ok=True)
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        _test_pause()
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
 
 
 def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -137,6 +70,7 @@ class Checkpoint:
     iter: int = 0
     best_val_loss: float | None = None
     data_rng: dict[str, Any] | None = None
+    lineage: list[list[Any]] = field(default_factory=list)  # [[run id, last step taken from it or None], ...]
     path: Path | None = None
 
     def to_bytes(self) -> bytes:
@@ -151,6 +85,7 @@ class Checkpoint:
             "iter": self.iter,
             "best_val_loss": self.best_val_loss,
             "data_rng": self.data_rng,
+            "lineage": self.lineage,
             "checksum": arrays_checksum(arrays),
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
@@ -223,6 +158,12 @@ class Checkpoint:
             data_rng = meta.get("data_rng")
             if data_rng is not None and not isinstance(data_rng, dict):
                 raise MlxGptError("'data_rng' must be an object")
+            lineage = meta.get("lineage", [])
+            if not isinstance(lineage, list) or not all(
+                    isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                    and (entry[1] is None or (isinstance(entry[1], int) and not isinstance(entry[1], bool)))
+                    for entry in lineage):
+                raise MlxGptError("'lineage' must be a list of [run id, step or null]")
         except MlxGptError as exc:
             raise fail(f"bad header: {exc}") from None
         if tokenizer.vocab_size != config.vocab_size:
@@ -237,7 +178,7 @@ class Checkpoint:
             raise fail(f"its config does not match its weights ({mismatch}); the header is corrupt")
         return cls(config=config, tokenizer=tokenizer, model=model, optimizer=_strip("optimizer", arrays),
                    ema=_strip("ema", arrays), train=train, iter=iteration, best_val_loss=best,
-                   data_rng=data_rng, path=path)
+                   data_rng=data_rng, lineage=lineage, path=path)
 
 
 def _config_mismatch(config: GPTConfig, model: dict[str, np.ndarray]) -> str | None:

@@ -60,10 +60,6 @@ class GPTConfig:
             f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
         )
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -49,8 +49,8 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
 
 def write_atomic(path: str | Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically."""
-    with atomic_target(path) as tmp:
-        tmp.write_bytes(payload)
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
 
 
 def replace_with_copy(source: str | Path, dest: str | Path) -> None:

@@ -15,10 +15,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import ops
 from .config import GPTConfig
-
-# An attention mask: None, "causal", or an array (additive float or boolean, True = attend)
-# broadcastable to [batch, heads, query_len, key_len].
-Mask = Any
+from .ops import Mask
 
 ACTIVATION_FUNCTIONS = {
     "gelu": nn.gelu,  # exact, erf-based (PyTorch nn.GELU())
@@ -42,7 +39,7 @@ def init_weights(module: nn.Module, residual_branches: int) -> None:
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and names), computed by ``ops.layer_norm``: fused on the CPU too."""
+    """nn.LayerNorm (same parameters and names), computed by ``ops.layer_norm`` (a plug-in may replace it)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return ops.layer_norm(x, self.weight, self.get("bias"), self.eps)
@@ -64,20 +61,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None) -> mx.array:
-        B, T, C = x.shape
         qkv = self.c_attn(x)
         if cache is None and isinstance(mask, str) and mask == "causal":
-            y = ops.causal_attention(qkv, self.n_head)  # the CPU kernel, on q, k, v where they lie (or None)
-            if y is not None:
-                return self.resid_dropout(self.c_proj(y))
-        q, k, v = mx.split(qkv, 3, axis=-1)
-        # [B, T, C] -> [B, n_head, T, head_dim]
-        q, k, v = (t.reshape(B, T, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        y = ops.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # mx.fast's on a GPU
-        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
+            y = ops.causal_self_attention(qkv, self.n_head)
+        else:
+            q, k, v = ops.split_heads(qkv, self.n_head)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+            y = ops.merge_heads(ops.attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask))
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -151,17 +142,35 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-    """Token + position embeddings, a stack of blocks, final LayerNorm, LM head."""
+class Transformer(nn.Module):
+    """Token and position embeddings, a stack of blocks and a final LayerNorm: the trunk of the GPT and of the
+    encoder-decoder's encoder and decoder (``mlx_gpt.seq2seq``)."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, cross_attention: bool = False) -> None:
         super().__init__()
-        self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.h = [Block(config) for _ in range(config.n_layer)]
+        self.h = [Block(config, cross_attention) for _ in range(config.n_layer)]
         self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
+
+    def hidden_states(self, idx: mx.array, positions: mx.array, mask: Mask, caches: list[Any] | None = None,
+                      encoder_kv: list[tuple[mx.array, mx.array]] | None = None,
+                      encoder_mask: Mask = None) -> mx.array:
+        """The final LayerNorm's output [B, T, C] for token ids ``idx`` [B, T] at ``positions``."""
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        for i, block in enumerate(self.h):
+            x = block(x, mask=mask, cache=None if caches is None else caches[i],
+                      encoder_kv=None if encoder_kv is None else encoder_kv[i], encoder_mask=encoder_mask)
+        return self.ln_f(x)
+
+
+class GPT(Transformer):
+    """The trunk and an LM head (the token embedding, unless untied)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.config = config
         if not config.tie_weights:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.lm_head_bias:
@@ -172,17 +181,13 @@ class GPT(nn.Module):
         """Logits [B, T, vocab] for token ids ``idx`` [B, T].
 
         ``cache`` (one per layer, see ``cache.py``) continues a sequence: positions start at the
-        cache's offset. ``mask="causal"`` takes the fused kernel's causal path.
+        cache's offset.
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         offset = cache[0].offset if cache is not None else 0
         if offset + T > self.config.block_size:
             raise ValueError(f"sequence of {offset + T} tokens is longer than block_size {self.config.block_size}")
-        positions = mx.arange(offset, offset + T)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
-        for i, block in enumerate(self.h):
-            x = block(x, mask=mask, cache=None if cache is None else cache[i])
-        x = self.ln_f(x)
+        x = self.hidden_states(idx, mx.arange(offset, offset + T), mask, cache)
         logits = self.wte.as_linear(x) if self.config.tie_weights else self.lm_head(x)
         if self.config.lm_head_bias:
             logits = logits + self.lm_head_bias

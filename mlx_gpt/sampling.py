@@ -12,9 +12,8 @@ when positive, multiplied when negative) over the last ``repetition_context_size
 
 ``generate_step`` runs the model: the prompt is prefilled in one pass, then one token per step
 through a KV cache (``cache.py``, whose docstring states the sliding-window rule used past
-block_size). ``num_samples`` continuations run as one batch. ``method="recompute"`` does the same
-without a cache (a full forward pass over the same window every step: same tokens, much slower);
-``method="crop"`` is nanoGPT's recompute over the last block_size tokens.
+block_size). ``num_samples`` continuations run as one batch. Memory does not grow with the number of
+new tokens: only the window and the processors' context are kept.
 
 Randomness comes from MLX's global generator: ``mx.random.seed(s)`` first makes a run repeatable.
 """
@@ -34,8 +33,6 @@ from .tokenizer import CharTokenizer
 
 Sampler = Callable[[mx.array], mx.array]  # logits [B, V] -> token ids [B]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # (tokens [B, n], logits [B, V]) -> logits
-
-METHODS = ("cache", "recompute", "crop")
 
 # ----------------------------------------------------------------------------- samplers
 
@@ -173,18 +170,42 @@ def _prompt_ids(prompt_ids: Sequence[int] | np.ndarray | mx.array) -> mx.array:
     return ids.astype(mx.int32)
 
 
+class History:
+    """The last tokens of each sequence: at least ``keep`` of them, in a buffer of twice that written by slice
+    (when it fills, its last ``keep`` tokens move to the front), so memory does not grow with the sequence."""
+
+    def __init__(self, prompt: mx.array, batch: int, keep: int) -> None:
+        n = prompt.size
+        self.first = max(0, n - keep)  # the position in the sequence of the buffer's first token
+        self.length = n  # tokens in the sequence so far
+        self.buffer = mx.zeros((batch, 2 * keep), dtype=mx.int32)
+        self.buffer[:, : n - self.first] = mx.broadcast_to(prompt[None, self.first:], (batch, n - self.first))
+        self.keep = keep
+
+    def tokens(self, start: int, end: int | None = None) -> mx.array:
+        """Tokens [B, end - start] at sequence positions start .. end (default: the last one); start must be
+        among the last ``keep``."""
+        end = self.length if end is None else end
+        return self.buffer[:, start - self.first: end - self.first]
+
+    def append(self, token: mx.array) -> None:
+        if self.length - self.first == self.buffer.shape[1]:
+            self.buffer[:, : self.keep] = self.buffer[:, -self.keep:]
+            self.first = self.length - self.keep
+        self.buffer[:, self.length - self.first] = token
+        self.length += 1
+        mx.async_eval(token, self.buffer)  # start computing while Python builds the next step
+
+
 def generate_step(model: GPT, prompt_ids: Sequence[int] | np.ndarray | mx.array, max_new_tokens: int,
                   sampler: Sampler | None = None, num_samples: int = 1,
                   logits_processors: Sequence[LogitsProcessor] | None = None,
-                  method: str = "cache") -> Iterator[tuple[mx.array, mx.array]]:
+                  history_size: int = 0) -> Iterator[tuple[mx.array, mx.array]]:
     """Yield ``(tokens [B], logits [B, V])`` per new token, B = ``num_samples``.
 
     ``logits`` are the model's (before processors and sampler) for the position the token was
-    drawn at. ``method``: "cache" (prefill, then a KV cache), "recompute" (no cache, the same
-    windows as "cache"; for tests) or "crop" (no cache, nanoGPT's last-block_size crop).
+    drawn at. The processors see the last ``max(block_size, history_size)`` tokens of each sequence.
     """
-    if method not in METHODS:
-        raise MlxGptError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise MlxGptError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
@@ -192,55 +213,40 @@ def generate_step(model: GPT, prompt_ids: Sequence[int] | np.ndarray | mx.array,
     sampler = sampler or greedy
     processors = list(logits_processors or [])
     ids = _prompt_ids(prompt_ids)
-    B, n = int(num_samples), ids.size
     block = model.config.block_size
     low, high = mx.min(ids).item(), mx.max(ids).item()
     if low < 0 or high >= model.config.vocab_size:
         raise MlxGptError(f"prompt token ids must be in [0, {model.config.vocab_size}), got {low}..{high}")
+    history = History(ids, int(num_samples), max(block, int(history_size)))
+    cache = make_cache(model)
+    start = initial_window_start(ids.size, block)
 
-    # The whole sequence (prompt + generated) of every sample, written in place.
-    history = mx.zeros((B, n + max_new_tokens), dtype=mx.int32)
-    history[:, :n] = mx.broadcast_to(ids[None], (B, n))
-    cache = make_cache(model) if method == "cache" else None
-    start = initial_window_start(n, block) if method != "crop" else max(0, n - block)
+    def prefill(start: int) -> mx.array:
+        """Logits [B, V] at the last position, from a (re)prefill of the window tokens[start:]."""
+        reset_cache(cache)
+        window = history.tokens(start)
+        return model(window, mask="causal" if window.shape[1] > 1 else None, cache=cache)[:, -1, :]
 
-    def forward(history: mx.array, start: int, n: int) -> mx.array:
-        """Logits [B, V] at the last position, from a (re)prefill of tokens[start:n]."""
-        window = history[:, start:n]
-        if cache is not None:
-            reset_cache(cache)
-        mask = "causal" if n - start > 1 else None
-        return model(window, mask=mask, cache=cache)[:, -1, :]
-
-    def draw(history: mx.array, logits: mx.array, n: int) -> mx.array:
+    def draw(logits: mx.array) -> mx.array:
         for processor in processors:
-            logits = processor(history[:, :n], logits)
-        return sampler(logits).astype(mx.int32)
-
-    def append(token: mx.array, n: int) -> None:
-        history[:, n] = token  # in place: ``history`` now holds the longer sequence
-        mx.async_eval(token, history)  # start computing while Python builds the next step
+            logits = processor(history.tokens(max(history.first, history.length - history.keep)), logits)
+        token = sampler(logits).astype(mx.int32)
+        history.append(token)
+        return token
 
     if max_new_tokens == 0:
         return
-    logits = forward(history, start, n)
-    token = draw(history, logits, n)
-    append(token, n)
-    n += 1
+    logits = prefill(start)
+    token = draw(logits)
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:  # queue the next step before handing this token over
-            if method == "crop":
-                new_start = max(0, n - block)
-            else:
-                new_start = window_start(start, n, block)
-            if method == "cache" and new_start == start:
+            new_start = window_start(start, history.length, block)
+            if new_start == start:
                 next_logits = model(token[:, None], mask=None, cache=cache)[:, -1, :]
             else:
-                next_logits = forward(history, new_start, n)
+                next_logits = prefill(new_start)
             start = new_start
-            next_token = draw(history, next_logits, n)
-            append(next_token, n)
-            n += 1
+            next_token = draw(next_logits)
         yield token, logits
         if i + 1 < max_new_tokens:
             token, logits = next_token, next_logits
@@ -249,7 +255,7 @@ def generate_step(model: GPT, prompt_ids: Sequence[int] | np.ndarray | mx.array,
 def generate(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: int,
              sampler: Sampler | None = None, num_samples: int = 1,
              logits_processors: Sequence[LogitsProcessor] | None = None,
-             method: str = "cache") -> Iterator[list[str]]:
+             history_size: int = 0) -> Iterator[list[str]]:
     """Yield, per step, the next character of each of ``num_samples`` continuations of ``prompt``.
 
     ``prompt`` must be non-empty and use only the tokenizer's characters (MlxGptError otherwise).
@@ -262,5 +268,6 @@ def generate(model: GPT, tokenizer: CharTokenizer, prompt: str, max_new_tokens: 
         _prompt_ids([])  # the empty-prompt error
     ids = tokenizer.encode(prompt)
     chars = tokenizer.chars
-    for token, _ in generate_step(model, ids, max_new_tokens, sampler, num_samples, logits_processors, method):
+    for token, _ in generate_step(model, ids, max_new_tokens, sampler, num_samples, logits_processors,
+                                  history_size):
         yield [chars[i] for i in token.tolist()]

@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
-from mlx_gpt.data import cache_dir
+from mlx_gpt import cpu
+from mlx_gpt.data import resolve_data_path
+
+# The suite runs with the CPU plug-in on (the scripts' default) and, in CI, once more with MLX_GPT_CPU=0: the plain
+# MLX path that Metal and CUDA users run. Enabled before anything imports mlx.core (it may load a BLAS).
+cpu.enable(build_kernels=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,20 +26,12 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
-def shakespeare_path() -> Path | None:
-    """Tests never download: $MLX_GPT_DATA, the copy beside the project (CI), or the one train.py cached."""
-    candidates = [Path(os.environ["MLX_GPT_DATA"])] if os.environ.get("MLX_GPT_DATA") else []
-    candidates += [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt", cache_dir() / "tinyshakespeare.txt"]
-    return next((path for path in candidates if path.is_file()), None)
-
-
 @pytest.fixture(scope="session")
 def shakespeare() -> Path:
-    path = shakespeare_path()
-    if path is None:
-        pytest.fail("Tiny Shakespeare not found: run `python train.py` once (it downloads it) "
-                    "or set MLX_GPT_DATA to a local copy")
-    return path
+    """Tiny Shakespeare: the copy beside the project (CI), else as train.py finds it ($MLX_GPT_DATA, the cached
+    copy, or a download, SHA-256 checked)."""
+    beside = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    return beside if beside.is_file() and not os.environ.get("MLX_GPT_DATA") else resolve_data_path(None)
 
 
 @pytest.fixture(scope="session")

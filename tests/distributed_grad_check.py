@@ -1,8 +1,10 @@
 """Run under `mlx.launch -n 2`: the averaged per-rank gradients must equal the single-process gradient
 of the concatenated batch. Rank 0 prints `max abs difference: X`."""
-# ruff: noqa: I001, E402  (mlx_gpt must be imported before mlx.core: it loads OpenBLAS first)
+# ruff: noqa: I001, E402  (the CPU plug-in is enabled before mlx.core is imported: it may load a BLAS)
 
-import mlx_gpt  # noqa: F401
+from mlx_gpt import cpu
+
+cpu.enable()
 
 import sys
 
@@ -14,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_gpt.config import GPTConfig
 from mlx_gpt.data import BatchSampler
 from mlx_gpt.model import GPT
-from mlx_gpt.training import loss_fn
+from mlx_gpt.training.step import loss_fn
 
 group = mx.distributed.init()
 rank, world = group.rank(), group.size()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_script
 
-from mlx_gpt import backend
+from mlx_gpt import cpu
 from mlx_gpt.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
@@ -41,7 +41,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(small_text: 
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("number of parameters") == 1  # only rank 0 speaks
     assert "4 x 1 accumulation x 2 processes = 8 sequences" in two.stdout
-    openblas_shared = backend.blas_description.startswith("OpenBLAS") and "OPENBLAS_NUM_THREADS" not in os.environ
+    openblas_shared = any(line.startswith("CPU plug-in: BLAS: OpenBLAS") for line in cpu.describe()) and \
+        "OPENBLAS_NUM_THREADS" not in os.environ
     assert ("1 BLAS thread in each of 2 processes on this machine" in two.stdout) == openblas_shared
     one = run_script("train.py", *common, "--batch_size", "8", "--out_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr

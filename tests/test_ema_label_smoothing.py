@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from test_training import make_trainer
 
 from mlx_gpt.checkpoint import Checkpoint, load_model
-from mlx_gpt.training import loss_fn
+from mlx_gpt.training.step import loss_fn
 
 
 def flat(tree) -> dict[str, np.ndarray]:

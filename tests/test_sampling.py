@@ -16,6 +16,7 @@ from mlx_gpt.config import GPTConfig
 from mlx_gpt.errors import MlxGptError
 from mlx_gpt.model import GPT
 from mlx_gpt.sampling import (
+    History,
     apply_min_p,
     apply_repetition_penalty,
     apply_temperature,
@@ -42,6 +43,18 @@ def tiny(tiny_checkpoint: Path):
 def tokens_of(model, prompt_ids, n, **kwargs) -> np.ndarray:
     """[B, n] token ids from generate_step."""
     return np.stack([np.array(t) for t, _ in generate_step(model, prompt_ids, n, **kwargs)], axis=1)
+
+
+def greedy_recomputed(model, prompt_ids, n: int) -> list[int]:
+    """Greedy tokens without a cache: a full forward pass over the window cache.py's rule gives, every step."""
+    block = model.config.block_size
+    seq = [int(i) for i in prompt_ids]
+    start = initial_window_start(len(seq), block)
+    for _ in range(n):
+        logits = model(mx.array(seq[start:])[None])[0, -1]
+        seq.append(int(mx.argmax(logits).item()))
+        start = window_start(start, len(seq), block)
+    return seq[len(prompt_ids):]
 
 
 # ----------------------------------------------------------------------------- the attention mask and the cache
@@ -138,12 +151,11 @@ def test_chunked_prefill_through_the_cache_equals_full_forward(tiny):
 def test_greedy_with_cache_equals_greedy_recompute_well_past_block_size(tiny):
     model, tokenizer = tiny
     prompt = tokenizer.encode(PROMPT)
-    cached = tokens_of(model, prompt, 200, method="cache")
-    recomputed = tokens_of(model, prompt, 200, method="recompute")
+    cached = tokens_of(model, prompt, 200)
     assert cached.shape == (1, 200)
-    np.testing.assert_array_equal(cached, recomputed)
+    np.testing.assert_array_equal(cached[0], greedy_recomputed(model, prompt, 200))
     # The text generator yields the same characters.
-    text = "".join(chars[0] for chars in generate(model, tokenizer, PROMPT, 200, method="cache"))
+    text = "".join(chars[0] for chars in generate(model, tokenizer, PROMPT, 200))
     assert text == tokenizer.decode(cached[0])
 
 
@@ -151,21 +163,21 @@ def test_prompt_longer_than_block_size_and_long_generation(tiny):
     model, tokenizer = tiny
     prompt = tokenizer.encode(PROMPT * 5)  # 150 characters, block 32
     assert len(prompt) > 4 * model.config.block_size
-    cached = tokens_of(model, prompt, 300, method="cache")
-    np.testing.assert_array_equal(cached, tokens_of(model, prompt, 300, method="recompute"))
+    cached = tokens_of(model, prompt, 300)
+    np.testing.assert_array_equal(cached[0], greedy_recomputed(model, prompt, 300))
     # The model only sees the prompt's last block_size characters.
-    np.testing.assert_array_equal(cached[:, :10], tokens_of(model, prompt[-32:], 10, method="cache"))
+    np.testing.assert_array_equal(cached[:, :10], tokens_of(model, prompt[-32:], 10))
 
 
-def test_crop_method_is_nanogpts_recompute(tiny):
-    model, tokenizer = tiny
-    prompt = tokenizer.encode(PROMPT)
-    crop = tokens_of(model, prompt, 40, method="crop")
-    seq = [int(i) for i in prompt]
-    for _ in range(40):  # nanoGPT: crop to the last block_size tokens, full forward, argmax
-        logits = model(mx.array(seq[-model.config.block_size:])[None])[0, -1]
-        seq.append(int(mx.argmax(logits).item()))
-    np.testing.assert_array_equal(crop[0], seq[len(prompt):])
+def test_history_is_bounded_however_many_tokens_are_asked_for(tiny):
+    model, _ = tiny
+    history = History(mx.array([1, 2, 3], dtype=mx.int32), batch=2, keep=40)
+    for i in range(500):
+        history.append(mx.array([i % 7, i % 5], dtype=mx.int32))
+    assert history.buffer.shape == (2, 80) and history.length == 503
+    np.testing.assert_array_equal(np.array(history.tokens(503 - 40))[0], [i % 7 for i in range(460, 500)])
+    steps = generate_step(model, [1, 2], 10**9)  # would ask for 4 GB up front if the history held it all
+    assert len([t for t, _ in zip(steps, range(5), strict=False)]) == 5
 
 
 # ----------------------------------------------------------------------------- batches and seeds
@@ -305,7 +317,7 @@ def test_repetition_penalty_looks_at_the_recent_window_only():
     assert make_logits_processors(None) == [] and make_logits_processors(1.0) == []
 
 
-def test_processors_see_the_whole_sequence_so_far(tiny):
+def test_processors_see_the_recent_sequence(tiny):
     model, tokenizer = tiny
     prompt = tokenizer.encode("ROMEO:")
     seen = []
@@ -318,6 +330,10 @@ def test_processors_see_the_whole_sequence_so_far(tiny):
     assert [s.shape for s in seen] == [(2, 6 + i) for i in range(5)]
     np.testing.assert_array_equal(seen[-1][:, 6:], out[:, :4])
     np.testing.assert_array_equal(seen[0][0], prompt)
+    seen.clear()  # past block_size: the last max(block_size, history_size) tokens
+    tokens_of(model, prompt, 60, logits_processors=[record], history_size=50)
+    assert seen[-1].shape == (1, 50)
+    np.testing.assert_array_equal(seen[-1][0, -5:], tokens_of(model, prompt, 60)[0, -6:-1])
 
 
 def test_a_strong_repetition_penalty_changes_greedy_output(tiny):
@@ -366,8 +382,6 @@ def test_empty_prompt_and_unknown_characters_are_clear_errors(tiny):
         next(generate(model, tokenizer, "", 5))
     with pytest.raises(MlxGptError, match="not in the vocabulary"):
         next(generate(model, tokenizer, "caf\u00e9", 5))
-    with pytest.raises(MlxGptError, match="method"):
-        next(generate_step(model, [1], 5, method="fast"))
     assert list(generate_step(model, [1], 0)) == []
 
 

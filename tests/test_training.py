@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_gpt import backend
+from mlx_gpt import cpu
 from mlx_gpt.checkpoint import Checkpoint
 from mlx_gpt.config import GPTConfig, TrainConfig
 from mlx_gpt.data import Dataset
 from mlx_gpt.errors import MlxGptError
 from mlx_gpt.tokenizer import CharTokenizer
-from mlx_gpt.training import AdamW, Trainer, lr_schedule, run_configs, spread_over_streams
+from mlx_gpt.training import Trainer, run_configs
+from mlx_gpt.training.optim import AdamW, lr_schedule
+from mlx_gpt.training.step import spread_over_streams
 
 TINY_MODEL = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -89,7 +91,8 @@ def test_gradient_accumulation_equals_one_big_batch(small_text: Path, tmp_path: 
     np.testing.assert_allclose(losses_big, losses_acc, rtol=1e-5)
 
 
-@pytest.mark.skipif(backend._openblas is None, reason="streams need a BLAS whose threads mlx-gpt sets (OpenBLAS)")
+@pytest.mark.skipif(not any(line.startswith("CPU plug-in: BLAS: OpenBLAS") for line in cpu.describe()),
+                    reason="streams need the CPU plug-in with a BLAS whose threads it sets (OpenBLAS)")
 def test_a_batch_split_over_cpu_streams_trains_like_one_stream(small_text: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     text = small_text.read_text()
@@ -97,7 +100,7 @@ def test_a_batch_split_over_cpu_streams_trains_like_one_stream(small_text: Path,
     for streams in ("1", "4"):
         monkeypatch.setenv("MLX_GPT_CPU_STREAMS", streams)
         trainer = make_trainer(text, tmp_path / streams, batch_size=8)
-        assert (trainer.streams is None) == (streams == "1") and len(trainer.streams or [None]) in (1, 4)
+        assert (trainer.step.streams is None) == (streams == "1") and len(trainer.step.streams or [None]) in (1, 4)
         runs.append(([trainer.train_step() for _ in range(4)], trainer.estimate_loss(),
                      dict(tree_flatten(trainer.model.parameters()))))
     (steps_one, eval_one, weights_one), (steps_four, eval_four, weights_four) = runs
@@ -170,3 +173,34 @@ def test_run_configs_precedence(small_text: Path, tmp_path: Path) -> None:
     assert model_cfg == resume.config and train_cfg.learning_rate == 3e-3 and train_cfg.max_iters == 9
     with pytest.raises(MlxGptError, match="drop --n_embd"):
         run_configs(None, {"n_embd": 64}, resume)
+
+
+def test_a_new_run_into_a_folder_with_checkpoints_is_refused_unless_forced(small_text: Path, tmp_path: Path) -> None:
+    text = small_text.read_text()
+    make_trainer(text, tmp_path, max_iters=4, eval_interval=2).run()
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.npz")}
+    with pytest.raises(MlxGptError, match="already holds checkpoints; continue them with --resume"):
+        make_trainer(text, tmp_path, max_iters=2, eval_interval=2).run()
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.npz")} == before  # nothing touched
+    make_trainer(text, tmp_path, max_iters=6, eval_interval=2, keep_last=1, seed=7).run(force=True)
+    old = [name for name in before if name.startswith("gpt-")]
+    assert all((tmp_path / name).exists() for name in old)  # another lineage: never pruned
+    assert Checkpoint.load(tmp_path / "latest.npz").iter == 6
+
+
+def test_resuming_from_an_older_checkpoint_prunes_only_its_own_lineage(small_text: Path, tmp_path: Path) -> None:
+    text = small_text.read_text()
+    make_trainer(text, tmp_path, max_iters=12, eval_interval=2, keep_last=10).run()
+    by_step = {int(p.stem.rsplit("step", 1)[1]): p for p in tmp_path.glob("gpt-*.npz")}
+    assert sorted(by_step) == [2, 4, 6, 8, 10, 12]
+    resumed_from = by_step[4]
+    resume = Checkpoint.load(resumed_from)
+    make_trainer(text, tmp_path, resume=resume, max_iters=9, eval_interval=1000, save_interval=1, keep_last=2).run()
+    left = sorted(p.name for p in tmp_path.glob("gpt-*.npz"))
+    # kept: the file resumed from, the abandoned branch (6..12), and this run's newest two (8, 9)
+    assert resumed_from.exists() and all(by_step[s].exists() for s in (6, 8, 10, 12))
+    assert not by_step[2].exists()  # an ancestor of this run, older than what it keeps
+    new = [name for name in left if name not in {p.name for p in by_step.values()}]
+    assert sorted(int(n.rsplit("step", 1)[1][:-4]) for n in new) == [8, 9]
+    lineage = Checkpoint.load(tmp_path / "latest.npz").lineage
+    assert len(lineage) == 2 and lineage[0][1] == 4 and lineage[1][1] is None

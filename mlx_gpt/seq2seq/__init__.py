@@ -2,13 +2,27 @@
 
 ``model`` (Encoder, Decoder, Seq2Seq, padding masks), ``cache`` (decoding caches), ``decoding``
 (greedy and sampled translation), ``tokenizer`` (characters + PAD/BOS/EOS), ``dates`` (the
-generated example task), ``checkpoint`` (save/load), ``train`` (``python -m mlx_gpt.seq2seq.train``).
+generated example task), ``checkpoint`` (save/load), ``train`` (``python -m mlx_gpt.seq2seq``).
+
+The names below are imported on first use, so that ``python -m mlx_gpt.seq2seq`` can enable the CPU plug-in
+before MLX is imported.
 """
 
-from .cache import DecoderCache, KVCache
-from .decoding import translate, translate_ids
-from .model import Decoder, Encoder, Seq2Seq, Seq2SeqConfig
-from .tokenizer import BOS, EOS, PAD, SpecialCharTokenizer, pad_batch
+from __future__ import annotations
 
-__all__ = ["BOS", "EOS", "PAD", "Decoder", "DecoderCache", "Encoder", "KVCache", "Seq2Seq", "Seq2SeqConfig",
-           "SpecialCharTokenizer", "pad_batch", "translate", "translate_ids"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DecoderCache": "cache", "KVCache": "cache", "translate": "decoding", "translate_ids": "decoding",
+    "Decoder": "model", "Encoder": "model", "Seq2Seq": "model", "Seq2SeqConfig": "model",
+    "BOS": "tokenizer", "EOS": "tokenizer", "PAD": "tokenizer", "SpecialCharTokenizer": "tokenizer",
+    "pad_batch": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten
 
 from ..config import GPTConfig, dataclass_from_dict
 from ..errors import MlxGptError
-from ..model import Block, LayerNorm, Mask, init_weights
+from ..model import Transformer, init_weights
+from ..ops import Mask
 from .cache import DecoderCache, KVCache
 
 
@@ -113,18 +114,13 @@ def _check_length(length: int, block_size: int, what: str) -> None:
                           "shorten it or train a model with a larger block size")
 
 
-class Encoder(nn.Module):
-    """Token + position embeddings and bidirectional self-attention blocks; hidden states [B, S, C]."""
+class Encoder(Transformer):
+    """The GPT trunk with bidirectional self-attention; hidden states [B, S, C]."""
 
     def __init__(self, config: Seq2SeqConfig) -> None:
-        super().__init__()
         cfg = config.encoder_config()
+        super().__init__(cfg)
         self.block_size = cfg.block_size
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.h = [Block(cfg) for _ in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
 
     def __call__(self, src_ids: mx.array, src_padding_mask: mx.array | None = None,
                  check_masks: bool = True) -> mx.array:
@@ -136,24 +132,16 @@ class Encoder(nn.Module):
             if check_masks:
                 src_padding_mask = check_padding_mask(src_padding_mask, "src_padding_mask", (B, S))
             positions, mask = padded_positions(src_padding_mask), key_padding_mask(src_padding_mask)
-        x = self.drop(self.wte(src_ids) + self.wpe(positions))
-        for block in self.h:
-            x = block(x, mask=mask)
-        return self.ln_f(x)
+        return self.hidden_states(src_ids, positions, mask)
 
 
-class Decoder(nn.Module):
-    """The GPT decoder with cross-attention in every block; its LM head is its token embedding (tied)."""
+class Decoder(Transformer):
+    """The GPT trunk with cross-attention in every block; its LM head is its token embedding (tied)."""
 
     def __init__(self, config: Seq2SeqConfig) -> None:
-        super().__init__()
         cfg = config.decoder_config()
+        super().__init__(cfg, cross_attention=True)
         self.block_size = cfg.block_size
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.h = [Block(cfg, cross_attention=True) for _ in range(cfg.n_layer)]
-        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
 
     def cross_inputs(self, encoder_hidden_states: mx.array, src_padding_mask: mx.array | None = None,
                      check_masks: bool = True) -> tuple[list[tuple[mx.array, mx.array]], Mask]:
@@ -200,11 +188,8 @@ class Decoder(nn.Module):
             if check_masks:
                 tgt_padding_mask = check_padding_mask(tgt_padding_mask, "tgt_padding_mask", (B, T))
             positions, mask = padded_positions(tgt_padding_mask), causal_padding_mask(tgt_padding_mask)
-        x = self.drop(self.wte(tgt_input_ids) + self.wpe(positions))
-        for i, block in enumerate(self.h):
-            x = block(x, mask=mask, cache=None if self_caches is None else self_caches[i],
-                      encoder_kv=cross_kv[i], encoder_mask=cross_mask)
-        return self.wte.as_linear(self.ln_f(x))
+        x = self.hidden_states(tgt_input_ids, positions, mask, self_caches, cross_kv, cross_mask)
+        return self.wte.as_linear(x)
 
 
 class Seq2Seq(nn.Module):

@@ -1,4 +1,4 @@
-"""Train the encoder-decoder to write English dates as ISO dates: ``python -m mlx_gpt.seq2seq.train``.
+"""Train the encoder-decoder to write English dates as ISO dates: ``python -m mlx_gpt.seq2seq``.
 
 "the twenty-third of March, 1994" -> "1994-03-23". The data are generated (``dates.py``), so nothing is
 downloaded; the score is exact match on held-out dates, decoded greedily with the KV caches.
@@ -17,16 +17,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
-from .. import backend, cli
+from .. import cli
 from ..config import TrainConfig
-from ..training import AdamW, lr_schedule
+from ..device import describe_device, select_device
+from ..training.optim import AdamW, lr_schedule
 from .checkpoint import save_translator
 from .dates import TARGET_CHARS, DatePairs, DateTask, source_chars
 from .decoding import translate
 from .model import Seq2Seq, Seq2SeqConfig
 from .tokenizer import SpecialCharTokenizer, pad_batch
 
-# The recipe `python -m mlx_gpt.seq2seq.train` runs (every field can be changed by a flag).
+# The recipe `python -m mlx_gpt.seq2seq` runs (every field can be changed by a flag).
 DEFAULT_MODEL = {"n_encoder_layer": 2, "n_decoder_layer": 2, "n_head": 4, "n_embd": 64, "dropout": 0.0}
 DEFAULT_TRAIN = {"batch_size": 64, "max_iters": 1000, "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_iters": 100,
                  "lr_decay_iters": 1000, "weight_decay": 0.01, "eval_interval": 250, "log_interval": 100, "seed": 0}
@@ -139,8 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = backend.select_device(args.device)
-    print(backend.describe_device(device))
+    device = select_device(args.device)
+    print(describe_device(device))
     src_tokenizer = SpecialCharTokenizer.from_text(source_chars())
     tgt_tokenizer = SpecialCharTokenizer.from_text(TARGET_CHARS)
     model_cfg = Seq2SeqConfig(src_vocab_size=src_tokenizer.vocab_size, tgt_vocab_size=tgt_tokenizer.vocab_size,

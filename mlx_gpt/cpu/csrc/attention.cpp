@@ -1,14 +1,14 @@
 // Causal self-attention as two MLX primitives for the CPU, from the fused q/k/v projection to the heads' output.
 //
-// Why: in MLX ops (ops.py's blocked attention) a baby-config layer is ~30 scheduled operations: head transposes
+// Why: in MLX ops (blocked_attention.py) a baby-config layer is ~30 scheduled operations: head transposes
 // and their contiguous copies, the score matmul, max, exp, sum, the weighted sum, the output transpose, and as
 // many again backward, each over small arrays where the cost per operation dominates. Here the forward reads
 // q, k and v where the projection wrote them ([B, T, 3C], head h at columns h*D of each third) and writes the
 // heads side by side ([B, T, C], what the output projection reads); the backward writes the gradient of the
-// projection's output directly. Built and loaded by mlx_gpt/native.py; ops.py's causal_attention wraps the pair
+// projection's output directly. Built and loaded by mlx_gpt/cpu/native.py; mlx_gpt/cpu/kernels.py wraps the pair
 // in mx.custom_function and says when it is used.
 //
-// float32, row-contiguous inputs (ops.py makes them so). The forward saves the softmax weights [B, H, T, T] for
+// float32, row-contiguous inputs (kernels.py makes them so). The forward saves the softmax weights [B, H, T, T] for
 // the backward (the upper, masked triangle is zero).
 
 #include <algorithm>
@@ -280,7 +280,7 @@ mx::array backward(const mx::array& qkv, const mx::array& weights, const mx::arr
 }  // namespace
 
 NB_MODULE(_attention, m) {
-  m.doc() = "mlx-gpt's causal self-attention for MLX's CPU backend (see mlx_gpt/native.py)";
+  m.doc() = "mlx-gpt's causal self-attention for MLX's CPU backend (see mlx_gpt/cpu/native.py)";
   m.def("forward", &forward, nb::arg("qkv"), nb::arg("heads"), nb::arg("scale"),
         "(y [B, T, C], softmax weights [B, H, T, T]) of causal attention over qkv [B, T, 3C]");
   m.def("backward", &backward, nb::arg("qkv"), nb::arg("weights"), nb::arg("y"), nb::arg("cotangent"),

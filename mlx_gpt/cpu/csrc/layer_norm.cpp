@@ -3,10 +3,10 @@
 // Why: on the CPU, mx.fast.layer_norm is not one kernel but its fallback graph (means, variance, rsqrt, scale:
 // two reductions and a few elementwise kernels forward, five reductions backward), each one a separately
 // scheduled operation over the whole [rows, C] array. Here each direction is one pass over the rows, and the
-// forward saves the rows' mean and 1/std for the backward. Built and loaded by mlx_gpt/native.py; used by
-// mlx_gpt/ops.py's layer_norm, which wraps the pair in mx.custom_function.
+// forward saves the rows' mean and 1/std for the backward. Built and loaded by mlx_gpt/cpu/native.py; used by
+// mlx_gpt/cpu/kernels.py's layer_norm, which wraps the pair in mx.custom_function.
 //
-// float32 only; x and the cotangent row-contiguous (ops.py makes them so); weight and bias any 1-D strides.
+// float32 only; x and the cotangent row-contiguous (kernels.py makes them so); weight and bias any 1-D strides.
 
 #include <algorithm>
 #include <cmath>
@@ -167,7 +167,7 @@ std::vector<mx::array> backward(const mx::array& x, const mx::array& weight, con
 }  // namespace
 
 NB_MODULE(_layer_norm, m) {
-  m.doc() = "mlx-gpt's LayerNorm for MLX's CPU backend (see mlx_gpt/native.py)";
+  m.doc() = "mlx-gpt's LayerNorm for MLX's CPU backend (see mlx_gpt/cpu/native.py)";
   m.def("forward", &forward, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("eps"),
         "(y, mean, rstd) of LayerNorm over the last axis of float32 x; rstd = 1 / sqrt(var + eps)");
   m.def("backward", &backward, nb::arg("x"), nb::arg("weight"), nb::arg("mean"), nb::arg("rstd"),

@@ -1,5 +1,5 @@
 // What mlx-gpt's C++ kernels for MLX's CPU backend share: row sums that vectorise, input checks, allocation,
-// the stream to run on, and the base of a CPU-only primitive. Included by each csrc/*.cpp (see mlx_gpt/native.py).
+// the stream to run on, and the base of a CPU-only primitive. Included by each csrc/*.cpp (see mlx_gpt/cpu/native.py).
 
 #pragma once
 
@@ -48,13 +48,13 @@ inline float row_dot(const float* a, const float* b, int n) {
   return total;
 }
 
-// A primitive with no GPU version (ops.py never builds one there) that names itself in its errors.
+// A primitive with no GPU version (kernels.py never builds one there) that names itself in its errors.
 class CpuPrimitive : public mx::Primitive {
  public:
   CpuPrimitive(mx::Stream stream, const char* kernel) : mx::Primitive(stream), kernel_(kernel) {}
 
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error(std::string("mlx_gpt ") + kernel_ + ": CPU only (ops.py uses MLX's ops on a GPU)");
+    throw std::runtime_error(std::string("mlx_gpt ") + kernel_ + ": CPU only (mlx_gpt uses MLX's ops on a GPU)");
   }
 
  protected:
@@ -63,7 +63,7 @@ class CpuPrimitive : public mx::Primitive {
     return typeid(other) == typeid(*this);
   }
 
-  // The data of an input the kernel reads row by row (ops.py passes them through mx.contiguous).
+  // The data of an input the kernel reads row by row (kernels.py passes them through mx.contiguous).
   const float* rows_of(const mx::array& a, const char* what) const {
     if (!a.flags().row_contiguous) {
       throw std::invalid_argument(std::string("mlx_gpt ") + kernel_ + ": " + what + " must be row-contiguous");

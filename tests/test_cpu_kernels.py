@@ -1,6 +1,6 @@
-"""The CPU attention and LayerNorm (mlx_gpt/ops.py) agree with MLX's fused kernels to <= 1e-5 relative, values and
-gradients; the C++ kernels build here and are the ones a model uses, and a build that cannot happen leaves MLX's
-ops in use."""
+"""The CPU plug-in's attention and LayerNorm (mlx_gpt/cpu/) agree with MLX's fused kernels to <= 1e-5 relative,
+values and gradients; the C++ kernels build here and are the ones a model uses, and a build that cannot happen
+leaves MLX's ops in use."""
 
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_gpt import backend, native, ops
+from mlx_gpt import cpu, ops
 from mlx_gpt.config import GPTConfig
+from mlx_gpt.cpu import blocked_attention, kernels, native
+from mlx_gpt.cpu.toolchain import builds_for_this_cpu, system_cxx
 from mlx_gpt.model import GPT
+
+pytestmark = pytest.mark.skipif(not cpu.describe(), reason="the CPU plug-in is off (MLX_GPT_CPU=0, or not Linux)")
 
 RTOL = 1e-5
 # Where a value or gradient crosses zero, relative error is meaningless: float32 rounding of O(1) terms
@@ -24,22 +28,15 @@ ATOL = 1e-6
 
 
 @pytest.fixture(autouse=True)
-def cpu_fast_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+def on_the_cpu() -> None:
     mx.set_default_device(mx.cpu)
-    monkeypatch.setattr(ops, "FAST_CPU_OPS", True)
-
-
-def test_the_cpu_attention_is_taken_only_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ops.on_cpu()
-    monkeypatch.setattr(ops, "FAST_CPU_OPS", False)
-    assert not ops.on_cpu()
 
 
 def test_query_blocks_cover_the_queries_in_blocks_of_about_query_block() -> None:
-    assert ops.query_blocks(24, causal=True) == [(0, 24)]
-    assert ops.query_blocks(256, causal=True) == [(0, 64), (64, 128), (128, 192), (192, 256)]
-    assert ops.query_blocks(150, causal=True) == [(0, 75), (75, 150)]
-    assert ops.query_blocks(256, causal=False) == [(0, 256)]
+    assert blocked_attention.query_blocks(24, causal=True) == [(0, 24)]
+    assert blocked_attention.query_blocks(256, causal=True) == [(0, 64), (64, 128), (128, 192), (192, 256)]
+    assert blocked_attention.query_blocks(150, causal=True) == [(0, 75), (75, 150)]
+    assert blocked_attention.query_blocks(256, causal=False) == [(0, 256)]
 
 
 # (queries, keys): one block of queries, several (of uneven length), and queries that are the last of the keys
@@ -63,14 +60,14 @@ def test_attention_matches_the_fused_kernel_values_and_gradients(case: str) -> N
     def run(attention):
         return mx.vjp(lambda q, k, v: attention(q, k, v, scale=0.25, mask=mask), [q, k, v], [cotangent])
 
-    (got,), got_grads = run(ops.scaled_dot_product_attention)
+    (got,), got_grads = run(blocked_attention.attention)
     (want,), want_grads = run(mx.fast.scaled_dot_product_attention)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=ATOL)
     for g, w in zip(got_grads, want_grads, strict=True):
         np.testing.assert_allclose(np.array(g), np.array(w), rtol=RTOL, atol=ATOL)
 
 
-def test_model_loss_and_gradients_with_fast_ops_match_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_loss_and_gradients_with_the_plug_in_match_plain_mlx(monkeypatch: pytest.MonkeyPatch) -> None:
     mx.random.seed(0)
     model = GPT(GPTConfig(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
     x = mx.random.randint(0, 17, (3, 16), key=mx.random.key(1))
@@ -80,7 +77,7 @@ def test_model_loss_and_gradients_with_fast_ops_match_plain_ops(monkeypatch: pyt
         return nn.losses.cross_entropy(model(x), y, reduction="mean")
 
     fast_loss, fast_grads = nn.value_and_grad(model, loss)(model)
-    monkeypatch.setattr(ops, "FAST_CPU_OPS", False)
+    monkeypatch.setattr(ops, "_active", dict(ops.PLAIN))
     plain_loss, plain_grads = nn.value_and_grad(model, loss)(model)
     np.testing.assert_allclose(fast_loss.item(), plain_loss.item(), rtol=RTOL)
     flat_fast, flat_plain = dict(tree_flatten(fast_grads)), dict(tree_flatten(plain_grads))
@@ -92,7 +89,7 @@ def test_model_loss_and_gradients_with_fast_ops_match_plain_ops(monkeypatch: pyt
 
 def test_half_precision_attention_keeps_its_dtype() -> None:
     q = mx.random.normal((1, 2, 130, 16), key=mx.random.key(3)).astype(mx.float16)
-    got = ops.scaled_dot_product_attention(q, q, q, scale=0.25)
+    got = blocked_attention.attention(q, q, q, scale=0.25, mask="causal")
     want = mx.fast.scaled_dot_product_attention(q, q, q, scale=0.25, mask="causal")
     assert got.dtype == mx.float16
     np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=1e-2)
@@ -105,17 +102,17 @@ def ops_in_graph(*outputs: mx.array) -> str:
 
 
 # What the C++ kernels need to be built (as in native._build_inputs); CI and this machine have all of it.
-CAN_BUILD = backend.builds_for_this_cpu() and backend.system_cxx() is not None
+CAN_BUILD = builds_for_this_cpu() and system_cxx() is not None
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="the C++ kernels are built on Linux with g++ only")
 def test_the_cpu_kernels_build_and_are_the_ones_a_model_uses(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ops.CPU_KERNELS:
-        assert native.load(name) is not None, native.status[name]
+    for name in kernels.CPU_KERNELS:
+        assert native.load(name, build=True) is not None, native.status[name]
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16))
     graph = ops_in_graph(model(mx.zeros((2, 8), dtype=mx.int32)))
     assert "CpuLayerNorm" in graph and "CpuCausalAttention" in graph
-    monkeypatch.setattr(ops, "FUSED_ATTENTION_MAX_T", 4)  # longer sequences: the blocked attention in MLX ops
+    monkeypatch.setattr(kernels, "FUSED_ATTENTION_MAX_T", 4)  # longer sequences: the blocked attention in MLX ops
     graph = ops_in_graph(model(mx.zeros((2, 8), dtype=mx.int32)))
     assert "CpuCausalAttention" not in graph and "AddMM" in graph
 
@@ -138,18 +135,20 @@ def test_causal_attention_from_qkv_matches_the_fused_kernel(shape: tuple[int, in
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=head_dim ** -0.5, mask="causal")
         return y.transpose(0, 2, 1, 3).reshape(batch, t, width)
 
-    (got,), (got_grad,) = mx.vjp(lambda qkv: ops.causal_attention(qkv, heads), [qkv], [cotangent])
+    (got,), (got_grad,) = mx.vjp(lambda qkv: kernels.causal_self_attention(qkv, heads), [qkv], [cotangent])
     (want,), (want_grad,) = mx.vjp(reference, [qkv], [cotangent])
     assert "CpuCausalAttentionVJP" in ops_in_graph(got_grad)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), rtol=RTOL, atol=ATOL)
 
 
-def test_causal_attention_leaves_what_it_does_not_take_to_the_caller() -> None:
-    qkv = mx.zeros((1, 4, 24))
-    assert ops.causal_attention(qkv.astype(mx.float16), 2) is None  # float32 only
-    assert ops.causal_attention(qkv[:, :1], 2) is None  # one query: the fused kernel's decoding path
-    assert ops.causal_attention(mx.zeros((1, ops.FUSED_ATTENTION_MAX_T + 1, 24)), 2) is None
+def test_causal_attention_leaves_what_it_does_not_take_to_the_blocked_attention() -> None:
+    def graph(qkv: mx.array) -> str:
+        return ops_in_graph(kernels.causal_self_attention(qkv, 2))
+
+    qkv = mx.ones((1, 4, 24))
+    assert "CpuCausalAttention" not in graph(qkv.astype(mx.float16))  # float32 only
+    assert "CpuCausalAttention" not in graph(mx.ones((1, kernels.FUSED_ATTENTION_MAX_T + 1, 24)))
 
 
 # (shape of x, bias): rows a multiple of the kernels' 16 lanes or not, widths too; with and without a bias
@@ -172,7 +171,7 @@ def test_layer_norm_matches_mx_fast_values_and_gradients(case: str, transposed_i
     def run(layer_norm):
         return mx.vjp(lambda x, w, *b: layer_norm(x, w, b[0] if b else None, 1e-5), [x, *params], [cotangent])
 
-    (got,), got_grads = run(ops.layer_norm)
+    (got,), got_grads = run(kernels.layer_norm)
     (want,), want_grads = run(mx.fast.layer_norm)
     assert "CpuLayerNormVJP" in ops_in_graph(*got_grads)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL, atol=ATOL)
@@ -183,17 +182,14 @@ def test_layer_norm_matches_mx_fast_values_and_gradients(case: str, transposed_i
 
 def test_without_a_compiler_the_cpu_ops_are_mlx_s(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing cached: it would have to build
-    monkeypatch.setattr(native.backend, "system_cxx", lambda: None)
-    native.load.cache_clear()
-    try:
-        assert native.load("layer_norm") is None
-        said = native.status["layer_norm"]
-        assert said == "MLX's own ops (no g++ on PATH)" or "Linux only" in said
-        x, w = mx.ones((2, 8)), mx.ones((8,))
-        assert "CpuLayerNorm" not in ops_in_graph(ops.layer_norm(x, w, None, 1e-5))
-        assert ops.causal_attention(mx.ones((1, 4, 24)), 2) is None
-    finally:
-        native.load.cache_clear()
+    monkeypatch.setattr(native, "system_cxx", lambda: None)
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.load("layer_norm", build=True) is None
+    said = native.status["layer_norm"]
+    assert said == "MLX's own ops (no g++ on PATH)" or "Linux only" in said
+    x, w = mx.ones((2, 8)), mx.ones((8,))
+    assert "CpuLayerNorm" not in ops_in_graph(kernels.layer_norm(x, w, None, 1e-5))
+    assert "CpuCausalAttention" not in ops_in_graph(kernels.causal_self_attention(mx.ones((1, 4, 24)), 2))
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="the C++ kernels are built on Linux with g++ only")
@@ -202,11 +198,9 @@ def test_a_failed_build_says_why_and_leaves_no_module(monkeypatch: pytest.Monkey
     broken.write_text("this is not C++\n")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native, "SOURCE_DIR", tmp_path)
-    native.load.cache_clear()
-    try:
-        assert native.load("broken") is None
-        said = native.status["broken"]
-        assert said.startswith("MLX's own ops (build failed: ") and "error" in said
-        assert not list((tmp_path / "mlx-gpt").rglob("_broken*"))  # no module, no temporary file left
-    finally:
-        native.load.cache_clear()
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.load("broken") is None and native.status["broken"] == native.NOT_BUILT  # sampling never builds
+    assert native.load("broken", build=True) is None
+    said = native.status["broken"]
+    assert said.startswith("MLX's own ops (build failed: ") and "error" in said
+    assert not list((tmp_path / "mlx-gpt").rglob("*broken*"))  # no module, no temporary file left
