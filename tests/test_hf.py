@@ -280,3 +280,21 @@ def test_import_cli_error(tmp_path, tanh_checkpoint):
     assert "not 'gpt2'" in proc.stderr and not (tmp_path / "x.npz").exists()
     flags = run_script("convert_torch_ckpt.py", str(out), str(tmp_path / "x.npz"), "--vocab_from", "t.txt")
     assert flags.returncode == 1 and "leave out --format" in flags.stderr
+
+
+def test_import_of_sharded_and_untied_folders(tmp_path, tanh_checkpoint):
+    out = tmp_path / "model"
+    hf.export(tanh_checkpoint, out, warn=lambda _: None)
+    expected = hf.read_hf_dir(out)
+    shard = "model-00001-of-00001.safetensors"
+    arrays = mx.load(str(out / hf.WEIGHTS_FILE))
+    (out / hf.WEIGHTS_FILE).rename(out / shard)
+    (out / hf.SHARD_INDEX_FILE).write_text(json.dumps({"weight_map": {k: shard for k in arrays}}))
+    assert all(np.array_equal(hf.read_hf_dir(out).model[k], v) for k, v in expected.model.items())
+    head = np.random.default_rng(0).normal(size=expected.model["wte.weight"].shape).astype(np.float32)
+    mx.save_safetensors(str(out / shard), {**arrays, "lm_head.weight": mx.array(head)}, metadata={"format": "pt"})
+    _edit_json("config.json", lambda c: c.update(tie_word_embeddings=False))(out)
+    untied = hf.read_hf_dir(out)
+    assert untied.config.tie_weights is False and np.array_equal(untied.model["lm_head.weight"], head)
+    untied.save(tmp_path / "untied.npz")
+    load_model(tmp_path / "untied.npz")  # the mlx-gpt model takes exactly these arrays
