@@ -15,7 +15,6 @@ step also has glue (adds, reshapes, clipping). Everything here runs on one CPU s
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -26,15 +25,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # isort: off
-import mlx_gpt  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
+from mlx_gpt import cpu  # noqa: E402
+
+cpu.enable(build_kernels=True, log=None)  # as train.py does, before mlx.core is imported
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 # isort: on
 
-from mlx_gpt import backend, ops  # noqa: E402
+from mlx_gpt import ops  # noqa: E402
 from mlx_gpt.config import GPTConfig, TrainConfig, load_preset, split_fields  # noqa: E402
 from mlx_gpt.data import Dataset  # noqa: E402
-from mlx_gpt.training import Trainer, loss_fn  # noqa: E402
+from mlx_gpt.device import select_device  # noqa: E402
+from mlx_gpt.training import Trainer  # noqa: E402
+from mlx_gpt.training.step import loss_fn  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -94,13 +97,8 @@ def profile(model_cfg: GPTConfig, train_cfg: TrainConfig, data: str, repeats: in
         return fwd_bwd(lambda x, w: x @ w.T, x, layer.weight)
 
     def attention(qkv: mx.array) -> mx.array:
-        """CausalSelfAttention between its two projections, as ops picks it per device and length."""
-        y = ops.causal_attention(qkv, H)
-        if y is not None:
-            return y
-        q, k, v = (t.reshape(B, T, H, -1).transpose(0, 2, 1, 3) for t in mx.split(qkv, 3, axis=-1))
-        y = ops.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(q.shape[-1]), mask="causal")
-        return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+        """CausalSelfAttention between its two projections, as the plug-in picks it per device and length."""
+        return ops.causal_self_attention(qkv, H)
 
     def embed(wte: mx.array, wpe: mx.array) -> mx.array:
         return wte[idx] + wpe[mx.arange(T)]
@@ -153,7 +151,7 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     args = p.parse_args()
     os.environ["MLX_GPT_CPU_STREAMS"] = "1"  # components and step alike on one stream (see the docstring)
-    backend.select_device(args.device)
+    select_device(args.device)
     model_values, train_values = split_fields(load_preset(args.config))
     if args.batch_size:
         train_values["batch_size"] = args.batch_size

@@ -8,7 +8,7 @@ the default config: 6 layers, 384 wide, block 256; vocabulary 65, randomly initi
 not depend on the weights) it times, in the same run:
 
 * MLX, no cache: nanoGPT's crop-and-recompute (a full forward pass over the last block_size tokens
-  for every new token; ``generate_step(method="crop")``);
+  for every new token; ``crop_and_recompute`` below);
 * MLX, KV cache, one sample (``sample.py``'s path; the window slides past block_size, see cache.py);
 * MLX, KV cache, ``--num_samples 8`` as one batch (total tokens/s over the 8 samples);
 * PyTorch (when installed): the same architecture with nanoGPT's ``generate`` (crop and
@@ -32,13 +32,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlx_gpt import backend  # noqa: E402  (mlx_gpt loads OpenBLAS before mlx.core)
+from mlx_gpt import cpu  # noqa: E402
+
+PLUGIN = cpu.enable(log=None)  # as sample.py does, before mlx.core is imported
 
 CONFIGS = {
     "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
     "default": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
 }
 TEMPERATURE, TOP_K = 0.8, 200
+
+
+def crop_and_recompute(model, tokens: int, sampler, batch: int):
+    """nanoGPT's generate in MLX, the no-cache baseline: each token a full forward pass over the last block_size."""
+    import mlx.core as mx
+
+    seq = mx.zeros((batch, 1), dtype=mx.int32)
+    for _ in range(tokens):
+        token = sampler(model(seq[:, -model.config.block_size:])[:, -1, :]).astype(mx.int32)
+        seq = mx.concatenate([seq, token[:, None]], axis=1)
+        yield token, None
 
 
 def time_mlx(model, tokens: int, method: str, batch: int, seed: int) -> float:
@@ -50,7 +63,9 @@ def time_mlx(model, tokens: int, method: str, batch: int, seed: int) -> float:
     sampler = make_sampler(TEMPERATURE, TOP_K)
     mx.random.seed(seed)
     start = time.perf_counter()
-    for token, _ in generate_step(model, [0], tokens, sampler, num_samples=batch, method=method):
+    steps = (crop_and_recompute(model, tokens, sampler, batch) if method == "crop"
+             else generate_step(model, [0], tokens, sampler, num_samples=batch))
+    for token, _ in steps:
         token.tolist()
     return time.perf_counter() - start
 
@@ -115,7 +130,7 @@ def machine() -> str:
     load = ""
     if hasattr(os, "getloadavg"):
         load = f", load average {os.getloadavg()[0]:.1f}"
-    return f"{cpu}, {os.cpu_count()} cores{load}; mlx {mx.__version__}, BLAS: {backend.blas_description}"
+    return f"{cpu}, {os.cpu_count()} cores{load}; mlx {mx.__version__}; {'; '.join(PLUGIN) or 'plain MLX'}"
 
 
 def main() -> int:
@@ -132,7 +147,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
     slow = args.slow_tokens or args.tokens
-    device = backend.select_device(args.device)
+    from mlx_gpt.device import select_device
+
+    device = select_device(args.device)
 
     import mlx.core as mx
 

@@ -68,11 +68,13 @@ def time_steps(step, warmup: int, steps: int) -> list[float]:
 
 
 def run_mlx(preset: str, data: str, warmup: int, steps: int, init_path: str) -> dict:
-    import mlx_gpt  # noqa: F401  (loads OpenBLAS before mlx.core)
-    from mlx_gpt import backend
+    from mlx_gpt import cpu
+
+    plugin = cpu.enable(build_kernels=True, log=None)  # as train.py does, before mlx.core is imported
+    from mlx_gpt.device import describe_device, select_device
     from mlx_gpt.training import Trainer
 
-    device = backend.select_device("cpu")
+    device = select_device("cpu")
     model_cfg, train_cfg, dataset, tokenizer = configs(preset, data)
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, log=lambda _: None)
     if not Path(init_path).exists():  # the PyTorch side starts from these same weights
@@ -81,11 +83,11 @@ def run_mlx(preset: str, data: str, warmup: int, steps: int, init_path: str) -> 
 
         np.savez(init_path, **{k: np.array(v) for k, v in tree_flatten(trainer.model.parameters())})
     times = time_steps(trainer.train_step, warmup, steps)
-    return {"times": times, "params": trainer.model.num_params(), "device": backend.describe_device(device)}
+    return {"times": times, "params": trainer.model.num_params(),
+            "device": "; ".join([describe_device(device), *plugin])}
 
 
 def run_torch(preset: str, data: str, warmup: int, steps: int, init_path: str) -> dict:
-    os.environ["MLX_GPT_OPENBLAS"] = "0"  # only numpy code of mlx_gpt runs here: keep PyTorch's own BLAS alone
     import numpy as np
     import torch
 
