@@ -3,6 +3,7 @@
     python bench/train_speed.py                       # baby and default configs, 3 pairs each
     python bench/train_speed.py --configs baby --pairs 5
     python bench/train_speed.py --sides mlx           # MLX only (also what happens without PyTorch)
+    python bench/train_speed.py --sides mlx --baseline ../old-checkout   # this revision against another one
 
 Each measurement runs in its own process, the two sides interleaved (MLX, PyTorch, MLX, PyTorch ...), so a
 machine whose speed drifts (other work, thermal limits) moves both alike; every pair gives a ratio. The MLX
@@ -143,9 +144,10 @@ def child_main(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- the parent
 
 
-def spawn(kind: str, *extra: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+def spawn(kind: str, *extra: str, root: Path = ROOT) -> dict:
+    """Run one measurement in its own process, from this checkout or from ``root`` (another revision's)."""
+    cmd = [sys.executable, str(root / "bench" / "train_speed.py"), "--child", kind, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -165,6 +167,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3, help="interleaved rounds per config")
     p.add_argument("--steps", type=int, help="timed steps per process (default: 100 baby, 3 default)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="text to train on (Tiny Shakespeare)")
+    p.add_argument("--baseline", type=Path, help="another checkout of mlx-gpt: its MLX step, interleaved with ours")
     p.add_argument("--child", choices=("mlx", "torch", "sgemm"), help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
@@ -179,6 +182,8 @@ def main() -> None:
         sides.remove("torch")
     if "mlx" not in sides:  # the MLX process writes the shared initial weights
         sides.insert(0, "mlx")
+    if args.baseline:
+        sides.append("baseline")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
@@ -193,7 +198,8 @@ def main() -> None:
             for pair in range(args.pairs):
                 peaks.append(spawn("sgemm")["gflops"])
                 for side in sides:
-                    results[side].append(spawn(side, *common))
+                    results[side].append(spawn("mlx", *common, root=args.baseline.resolve()) if side == "baseline"
+                                         else spawn(side, *common))
                     print(f"{name} pair {pair + 1}/{args.pairs} {side}: "
                           f"{statistics.median(results[side][-1]['times']) * 1e3:.1f} ms/step", flush=True)
             rows.append((name, preset, results, peaks))
@@ -222,10 +228,11 @@ def report(rows: list, data: str) -> None:
             rss = max(r["peak_rss_mib"] for r in runs)
             print(f"| {name} | {side} | {ms * 1e3:.1f} | {tokens / ms:,.0f} | {100 * flops / ms / 1e9 / peak:.0f} % "
                   f"| {rss:.0f} |")
-        if "torch" in medians:
-            ratios = [t / m for m, t in zip(medians["mlx"], medians["torch"], strict=True)]
-            summary.append(f"{name}: MLX/PyTorch tokens/s per pair {', '.join(f'{r:.2f}' for r in ratios)}; "
-                           f"median {statistics.median(ratios):.2f}")
+        for side, label in (("torch", "MLX/PyTorch"), ("baseline", "this revision/baseline")):
+            if side in medians:
+                ratios = [t / m for m, t in zip(medians["mlx"], medians[side], strict=True)]
+                summary.append(f"{name}: {label} tokens/s per pair {', '.join(f'{r:.2f}' for r in ratios)}; "
+                               f"median {statistics.median(ratios):.2f}")
         summary.append(f"{name}: sgemm peak {peak:.0f} GFLOP/s (numpy float32 2048^3, median of "
                        f"{len(peaks)}); {flops / 1e9:.1f} GFLOP per step")
     print()

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MlxGptError
+from .files import write_atomic
 from .tokenizer import CharTokenizer
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -32,7 +33,6 @@ def _sha256(path: Path) -> str:
 def download_tiny_shakespeare(dest: Path) -> Path:
     """Download Tiny Shakespeare to ``dest`` (atomically), verified by SHA-256."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as response:
             payload = response.read()
@@ -47,11 +47,7 @@ def download_tiny_shakespeare(dest: Path) -> Path:
             f"downloaded Tiny Shakespeare has SHA-256 {digest}, expected {TINY_SHAKESPEARE_SHA256}; "
             "retry, or pass a local copy with --data PATH"
         )
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    write_atomic(dest, payload)
     return dest
 
 
