@@ -350,6 +350,48 @@ def test_nan_stops_with_message_and_last_good_checkpoint_loads(tmp_path: Path, s
     assert stopped[2] == stopped[0] + 2  # skipped steps left the weights as they were
 
 
+def _strict_json_lines(path: Path) -> list[dict]:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_a_diverged_run_is_never_saved_as_good(tmp_path: Path, small_text: Path) -> None:
+    """Skipped non-finite steps let the weights grow until evaluation gives NaN: those weights are not saved."""
+    out = tmp_path / "out"
+    proc = run_script("train.py", *_flags(small_text, out, "--max_iters", "60", "--eval_interval", "2",
+                                          "--learning_rate", "1e6", "--warmup_iters", "0", "--skip_nonfinite", "3"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    error = _one_line_error(proc.stderr)
+    latest = Checkpoint.load(out / "latest.npz")  # finite weights (non-finite ones are refused at load too)
+    _assert_finite_weights(latest)
+    assert f"{out / 'latest.npz'} holds iter {latest.iter}" in error and "last good" not in error
+    records = _strict_json_lines(out / "metrics.jsonl")  # NaN is written as null
+    assert any(r.get("val_loss", 0) is None or r.get("loss", 0) is None for r in records), records[-3:]
+
+
+def test_resume_that_has_nothing_to_train_is_an_error(tmp_path: Path, small_text: Path) -> None:
+    out = tmp_path / "out"
+    assert run_script("train.py", *_flags(small_text, out, "--max_iters", "4", "--eval_interval", "2")).returncode == 0
+    proc = run_script("train.py", *_flags(small_text, out, "--max_iters", "3", "--resume"))
+    assert proc.returncode == 1
+    assert "is at iter 4 and --max_iters is 3: nothing to train; pass a larger --max_iters" in \
+        _one_line_error(proc.stderr)
+
+
+def test_latest_npz_that_is_a_folder_is_named_in_the_save_error(tmp_path: Path, small_text: Path) -> None:
+    out = tmp_path / "out"
+    (out / "latest.npz").mkdir(parents=True)
+    trainer = _trainer(out, small_text, max_iters=2)
+    trainer.train_step()
+    with pytest.raises(MlxGptError) as info:
+        trainer.save(is_best=False)
+    message = str(info.value)
+    assert "latest.npz" in message and "is in the way (a folder?): move it aside" in message
+    assert "holds no checkpoint of this run" in message and "permissions" not in message
+
+
 # ----------------------------------------------------------------------------- signals
 
 

@@ -190,7 +190,7 @@ class CheckpointFolder:
         else:
             hint = "check the folder's permissions"
         held = (f"{self.latest} still holds iter {last_saved}" if last_saved is not None and self.latest.is_file()
-                else "no checkpoint of this run is on disk yet")
+                else f"{self.latest} holds no checkpoint of this run")
         return f"could not write checkpoint {where} at iter {iteration}: {reason}; {hint}; {held}"
 
     def where(self, best_val_loss: float | None, log: Callable[[str], None]) -> None:
