@@ -63,7 +63,7 @@ def read_prompt(prompt: str) -> str:
     try:
         return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MlxGptError(f"prompt file {path} is not UTF-8 text (bad byte at offset {exc.start}); "
+        raise MlxGptError(f"cannot read prompt file {path}: it is not UTF-8 text (bad byte at offset {exc.start}); "
                           "save it as UTF-8") from None
 
 

@@ -82,7 +82,8 @@ def _stat_problem(path: Path) -> str | None:
 
 
 def open_regular_file(path: str | Path, what: str, hint: str) -> IO[bytes]:
-    """``path`` opened for reading; anything but a regular file is one MlxGptError ``{what} {path} ...; {hint}``."""
+    """``path`` opened for reading; anything but a regular file is one MlxGptError
+    ``cannot read {what} {path}: it ...; {hint}``."""
     path = Path(path)
     problem = _stat_problem(path)
     if problem is None:
@@ -95,7 +96,7 @@ def open_regular_file(path: str | Path, what: str, hint: str) -> IO[bytes]:
                 return os.fdopen(fd, "rb")
             os.close(fd)
             problem = "is not a regular file (a FIFO, device or socket)"
-    raise MlxGptError(f"{what} {path} {problem}; {hint}")
+    raise MlxGptError(f"cannot read {what} {path}: it {problem}; {hint}")
 
 
 def read_limited(path: str | Path, limit: int, what: str, hint: str) -> bytes:
@@ -104,9 +105,9 @@ def read_limited(path: str | Path, limit: int, what: str, hint: str) -> bytes:
         try:
             payload = f.read(limit + 1)
         except OSError as exc:
-            raise MlxGptError(f"{what} {path} cannot be read ({exc.strerror or exc}); {hint}") from None
+            raise MlxGptError(f"cannot read {what} {path}: {exc.strerror or exc}; {hint}") from None
     if len(payload) > limit:
-        raise MlxGptError(f"{what} {path} is larger than the limit of {limit:,} bytes; {hint}")
+        raise MlxGptError(f"cannot read {what} {path}: it is larger than the limit of {limit:,} bytes; {hint}")
     return payload
 
 

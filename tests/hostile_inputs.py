@@ -586,7 +586,7 @@ def _(folder: Path) -> Case:
 @case("meta_dev_zero")
 def _(folder: Path) -> Case:
     return Case(convert(folder, nanogpt_file(folder / "ckpt.pt", nanogpt_state()), "--meta", "/dev/zero"),
-                "--meta /dev/zero is not a regular file")
+                "cannot read --meta /dev/zero: it is not a regular file")
 
 
 @case("meta_fifo")
@@ -598,7 +598,7 @@ def _(folder: Path) -> Case:
 @case("vocab_from_dev_zero")
 def _(folder: Path) -> Case:
     return Case(convert(folder, nanogpt_file(folder / "ckpt.pt", nanogpt_state()), "--vocab_from", "/dev/zero"),
-                "--vocab_from /dev/zero is not a regular file")
+                "cannot read --vocab_from /dev/zero: it is not a regular file")
 
 
 # ----------------------------------------------------------------------------- prompt files
@@ -607,7 +607,7 @@ def _(folder: Path) -> Case:
 @case("prompt_dev_zero")
 def _(folder: Path) -> Case:
     return Case(sample(gpt_checkpoint(folder / "c.npz"), "--prompt", "FILE:/dev/zero"),
-                "prompt file /dev/zero is not a regular file")
+                "cannot read prompt file /dev/zero: it is not a regular file")
 
 
 @case("prompt_fifo")
@@ -627,7 +627,7 @@ def _(folder: Path) -> Case:
 def _(folder: Path) -> Case:
     (folder / "p.txt").write_bytes(b"caf\xe9")
     return Case(sample(gpt_checkpoint(folder / "c.npz"), "--prompt", f"FILE:{folder / 'p.txt'}"),
-                "is not UTF-8 text (bad byte at offset 3)")
+                "it is not UTF-8 text (bad byte at offset 3)")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -705,7 +705,7 @@ def _(folder: Path) -> Case:
 @case("config_dev_zero")
 def _(folder: Path) -> Case:
     return Case(["train.py", "--config", "/dev/zero", "--data", str(text_file(folder)), "--device", "cpu"],
-                "--config /dev/zero is not a regular file")
+                "cannot read --config /dev/zero: it is not a regular file")
 
 
 # ----------------------------------------------------------------------------- run them all

@@ -302,7 +302,7 @@ def test_prompt_file_that_is_not_a_small_text_file(tmp_path: Path, untrained_che
     make(prompt)
     code, out, err = _run_main(sample_script, ["--ckpt", str(untrained_checkpoint), "--prompt", f"FILE:{prompt}",
                                                "--device", "cpu"], monkeypatch, capsys)
-    assert f"prompt file {prompt} {expected}" in _one_line_error(code, err) and not out
+    assert f"cannot read prompt file {prompt}: it {expected}" in _one_line_error(code, err) and not out
 
 
 @pytest.mark.parametrize("source", ["fifo", "/dev/zero"])
