@@ -59,7 +59,8 @@ def read_prompt(prompt: str) -> str:
     from mlx_gpt.checkpoint import read_limited
 
     path = Path(prompt[len("FILE:"):])
-    payload = read_limited(path, MAX_PROMPT_BYTES, "prompt file", "pass a UTF-8 text file (a shorter prompt)")
+    payload = read_limited(path, MAX_PROMPT_BYTES, "prompt file",
+                           f"pass a UTF-8 text file of at most {MAX_PROMPT_BYTES:,} bytes")
     try:
         return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
