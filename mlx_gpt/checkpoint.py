@@ -73,7 +73,7 @@ def _stat_problem(path: Path) -> str | None:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return "is a symlink loop"
-        return f"cannot be read ({exc.strerror or exc})"
+        return f"is not readable ({exc.strerror or exc})"
     if stat.S_ISDIR(mode):
         return "is a folder, not a file"
     if not stat.S_ISREG(mode):
@@ -90,7 +90,7 @@ def open_regular_file(path: str | Path, what: str, hint: str) -> IO[bytes]:
         try:  # O_NONBLOCK: should the path become a FIFO after the check, opening it still returns at once
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except OSError as exc:
-            problem = f"cannot be read ({exc.strerror or exc})"
+            problem = f"is not readable ({exc.strerror or exc})"
         else:
             if stat.S_ISREG(os.fstat(fd).st_mode):
                 return os.fdopen(fd, "rb")
@@ -239,7 +239,10 @@ def _read_open_container(f: IO[bytes], kind: ContainerKind, check: HeaderCheck) 
         names = _member_names(archive, kind)
         meta = _read_meta(archive, kind)
         members = {name: _member(archive, name, kind) for name in names if name != "meta"}
-        built = check(meta, members)
+        try:
+            built = check(meta, members)
+        except MlxGptError as exc:
+            raise _Refused(f"{exc}; {kind.fix}") from None
         _check_sizes(members, file_bytes, kind)
         arrays = {name: _read_array(archive, name, kind) for name in members}
     if meta.get("checksum") != arrays_checksum(arrays):
@@ -263,7 +266,7 @@ def _member_names(archive: zipfile.ZipFile, kind: ContainerKind) -> list[str]:
     if len(set(names)) != len(names):
         raise _Refused(f"it holds an array name twice: the file is corrupt; {kind.fix}")
     if "meta" not in names:
-        raise _Refused(f"no {kind.format} header ('meta' entry): not an {kind.format} {kind.what}")
+        raise _Refused(f"no {kind.format} header ('meta' entry): not an {kind.format} {kind.what}; {kind.fix}")
     stray = [n for n in names if n != "meta" and ("/" not in n or n.split("/", 1)[0] not in kind.groups)]
     if stray:
         groups = ", ".join(f"{g}/" for g in kind.groups)
@@ -305,7 +308,7 @@ def _read_meta(archive: zipfile.ZipFile, kind: ContainerKind) -> dict[str, Any]:
     """The parsed JSON header, bounded in size and depth; its format and version checked."""
     shape, dtype, header = _npy_header(archive, "meta", kind)
     if dtype != np.uint8 or len(shape) != 1:
-        raise _Refused(f"its 'meta' entry is not UTF-8 bytes: not an {kind.format} {kind.what}")
+        raise _Refused(f"its 'meta' entry is not UTF-8 bytes: not an {kind.format} {kind.what}; {kind.fix}")
     if shape[0] > MAX_META_BYTES:
         raise _Refused(f"its header is {shape[0]:,} bytes, more than the limit of {MAX_META_BYTES:,}; {kind.fix}")
     payload = _read_array(archive, "meta", kind).tobytes()
@@ -314,10 +317,10 @@ def _read_meta(archive: zipfile.ZipFile, kind: ContainerKind) -> dict[str, Any]:
     except MlxGptError as exc:
         raise _Refused(f"{exc}: the file is corrupt; {kind.fix}") from None
     if not isinstance(meta, dict) or meta.get("format") != kind.format:
-        raise _Refused(f"not an {kind.format} {kind.what} (foreign 'format' in its header)")
+        raise _Refused(f"not an {kind.format} {kind.what} (foreign 'format' in its header); {kind.fix}")
     version = meta.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _Refused(f"invalid format version {version!r}")
+        raise _Refused(f"invalid format version {version!r}: the header is corrupt; {kind.fix}")
     if version > kind.version:
         raise _Refused(f"written by a newer mlx-gpt (format version {version}, this one reads <= {kind.version}); "
                        "upgrade mlx-gpt")

@@ -65,7 +65,7 @@ def _check_header(meta: dict[str, Any], members: dict[str, Member]
     except MlxGptError as exc:
         raise MlxGptError(f"bad header: {exc}") from None
     if (src_tokenizer.vocab_size, tgt_tokenizer.vocab_size) != (config.src_vocab_size, config.tgt_vocab_size):
-        raise MlxGptError("the tokenizers' vocabularies do not match the config's vocab sizes; train it again")
+        raise MlxGptError("the tokenizers' vocabularies do not match the config's vocab sizes")
     # The header is not covered by the checksum: it must describe these weights before a model is built from it.
     shapes = {k: m.shape for k, m in group(members, "model").items()}
     C = config.n_embd
