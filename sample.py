@@ -16,13 +16,23 @@ from mlx_gpt import cli, cpu
 from mlx_gpt.errors import MlxGptError
 
 DASHES = "-" * 40
+# Limits on what one command may ask for; each error names its limit. The samples run as one batch, so their
+# count multiplies the memory of the KV cache and of the token history.
+MAX_NUM_SAMPLES = 1024
+MAX_NEW_TOKENS = 1_000_000
+MAX_REPETITION_CONTEXT = 1_000_000
+MAX_TOTAL_TOKENS = 2**25  # num_samples x (prompt + max_new_tokens): the history is int32 [samples, length]
+MAX_PROMPT_BYTES = 2**20
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="assets/checkpoints/latest.npz", help="checkpoint to sample from")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline); FILE:path reads a file")
-    p.add_argument("--max_new_tokens", type=cli.positive_int, default=500, help="characters to generate per sample")
+    p.add_argument("--prompt", default="\n",
+                   help=f"text to continue (default: a newline); FILE:path reads a file (at most {MAX_PROMPT_BYTES:,} "
+                        "bytes)")
+    p.add_argument("--max_new_tokens", type=cli.IntRange(1, MAX_NEW_TOKENS), default=500,
+                   help="characters to generate per sample")
     p.add_argument("--temperature", type=cli.nonnegative_float, default=0.8, help="0 = greedy (argmax)")
     p.add_argument("--top_k", type=cli.positive_int, default=200, help="keep the k most likely characters")
     p.add_argument("--top_p", type=cli.open_unit_interval, default=None,
@@ -31,10 +41,11 @@ def parse_args() -> argparse.Namespace:
                    help="keep characters at least this fraction as likely as the most likely one [0, 1]")
     p.add_argument("--repetition_penalty", type=cli.positive_float, default=None,
                    help="> 1 discourages repeating recent characters (1 = off)")
-    p.add_argument("--repetition_context_size", type=cli.positive_int, default=20,
+    p.add_argument("--repetition_context_size", type=cli.IntRange(1, MAX_REPETITION_CONTEXT), default=20,
                    help="how many recent characters the repetition penalty looks at")
-    p.add_argument("--num_samples", type=cli.positive_int, default=1, help="samples, generated as one batch")
-    p.add_argument("--seed", type=cli.any_int, default=None, help="same seed -> same output")
+    p.add_argument("--num_samples", type=cli.IntRange(1, MAX_NUM_SAMPLES), default=1,
+                   help="samples, generated as one batch")
+    p.add_argument("--seed", type=cli.seed, default=None, help="same seed -> same output")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
     p.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
                    help="auto: EMA weights when the checkpoint has them; raw: the trained weights; ema: insist on EMA")
@@ -45,11 +56,24 @@ def parse_args() -> argparse.Namespace:
 def read_prompt(prompt: str) -> str:
     if not prompt.startswith("FILE:"):
         return prompt
+    from mlx_gpt.checkpoint import read_limited
+
     path = Path(prompt[len("FILE:"):])
+    payload = read_limited(path, MAX_PROMPT_BYTES, "prompt file",
+                           f"pass a UTF-8 text file of at most {MAX_PROMPT_BYTES:,} bytes")
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MlxGptError(f"cannot read prompt file {path}: {exc}") from None
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MlxGptError(f"cannot read prompt file {path}: it is not UTF-8 text (bad byte at offset {exc.start}); "
+                          "save it as UTF-8") from None
+
+
+def check_total(prompt: str, num_samples: int, max_new_tokens: int) -> None:
+    total = num_samples * (len(prompt) + max_new_tokens)
+    if total > MAX_TOTAL_TOKENS:
+        raise MlxGptError(f"--num_samples {num_samples} x (prompt {len(prompt):,} + --max_new_tokens "
+                          f"{max_new_tokens:,}) is {total:,} characters, more than the limit of {MAX_TOTAL_TOKENS:,}; "
+                          "ask for fewer or shorter samples")
 
 
 def main() -> int:
@@ -59,6 +83,7 @@ def main() -> int:
     if not prompt:
         raise MlxGptError("the prompt is empty; the model needs at least one character to continue "
                           "(the default is a newline: leave out --prompt)")
+    check_total(prompt, args.num_samples, args.max_new_tokens)
     cpu.enable(build_kernels=False)  # before MLX is imported; sampling never waits for a compiler
     import mlx.core as mx
 

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--skip_nonfinite", type=cli.nonnegative_int, help="non-finite steps to skip before stopping")
     t.add_argument("--ema_decay", type=cli.unit_interval, help="EMA of the weights (0: off), e.g. 0.999")
     t.add_argument("--label_smoothing", type=cli.unit_interval, help="label smoothing of the training loss")
-    t.add_argument("--seed", type=cli.any_int)
+    t.add_argument("--seed", type=cli.seed)
     t.add_argument("--compile", action=argparse.BooleanOptionalAction)
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")

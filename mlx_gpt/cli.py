@@ -78,6 +78,35 @@ def any_int(text: str) -> int:
     return int(_number(int, text))
 
 
+SEED_LIMIT = 2**64  # MLX and numpy take seeds in [0, 2**64)
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**64)."""
+    value = int(_number(int, text))
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {text}")
+    return value
+
+
+class IntRange:
+    """An argument type: an integer in [low, high]; the error names the limit that was crossed."""
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def __call__(self, text: str) -> int:
+        value = int(_number(int, text))
+        if value < self.low:
+            raise argparse.ArgumentTypeError(f"must be >= {self.low}, got {text}")
+        if value > self.high:
+            raise argparse.ArgumentTypeError(f"must be at most {self.high:,} (the limit), got {text}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"IntRange({self.low}, {self.high})"
+
+
 def run(main: Callable[[], int | None]) -> None:
     """Run a script's main: library errors become ``error: ...`` on one line and exit 1.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -113,6 +112,7 @@ class TrainConfig:
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("ema_decay", "label_smoothing"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(0 <= self.seed < 2**64, f"seed must be in [0, 2**64) (what MLX and numpy accept), got {self.seed}")
         _require(self.on_save_error in ("stop", "warn"),
                  f"on_save_error must be 'stop' or 'warn', got {self.on_save_error!r}")
 
@@ -156,14 +156,17 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     """A preset by name, or a JSON file of GPTConfig/TrainConfig fields."""
     if name_or_path in PRESETS:
         return dict(PRESETS[name_or_path])
+    from .checkpoint import MAX_META_BYTES, parse_json_limited, read_limited  # here: checkpoint imports this module
+
     path = Path(name_or_path)
-    if not path.is_file():
+    if not path.exists():
         raise MlxGptError(
             f"--config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing JSON file"
         )
+    payload = read_limited(path, MAX_META_BYTES, "--config", "pass a JSON file of config fields")
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        values = parse_json_limited(payload, "its JSON")
+    except MlxGptError as exc:
         raise MlxGptError(f"--config {path}: not a readable JSON file ({exc})") from None
     _require(isinstance(values, dict), f"--config {path}: expected a JSON object of config fields")
     known = {f.name for f in fields(GPTConfig)} | {f.name for f in fields(TrainConfig)}

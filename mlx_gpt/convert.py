@@ -17,10 +17,12 @@ PyTorch is imported lazily (``import mlx_gpt`` never needs it) and files are rea
 
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import Checkpoint, array_mismatches, check_arrays, name_list
+from .checkpoint import Checkpoint, array_mismatches, check_arrays, name_list, open_regular_file, read_limited
 from .config import GPTConfig
 from .errors import MlxGptError
 from .model import GPT
@@ -45,8 +47,18 @@ VOCAB_HINT = ("pass --meta path/to/meta.pkl (nanoGPT's data/<dataset>/meta.pkl) 
               "(the training text; its sorted distinct characters are the vocabulary)")
 # Wrappers that prefix every key: torch.compile (_orig_mod.) and DistributedDataParallel (module.).
 KEY_PREFIXES = ("_orig_mod.", "module.")
+# nanoGPT's meta.pkl of a MAX_VOCAB_SIZE vocabulary is ~1 MB; the plain-data walk visits at most this many values
+# (counting a value each time it is reached, so a "billion laughs" of shared dicts is cut short) this deep.
+MAX_META_PKL_BYTES = 16 * 2**20
+MAX_PLAIN_NODES = 2**20
+MAX_PLAIN_DEPTH = 8
+# The tensors may hold at most this many times the bytes of their distinct storages (tied weights share one; a
+# stride-0 expand or a thousand references to one tensor would multiply a small file in memory).
+MAX_STORAGE_REUSE = 2
+STORAGE_SLACK = 2**20
 
 StateDict = dict[str, np.ndarray]
+Tensors = dict[str, Any]  # names -> torch tensors, not yet copied out of the file
 
 
 @dataclass
@@ -93,14 +105,18 @@ def _one_line(text: str) -> str:
 
 
 def load_torch_file(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is refused."""
+    """``torch.load`` restricted to tensors and plain containers: a pickle that would run code is refused.
+
+    Zip-format files are memory-mapped, so no tensor is read before its shape and storage are checked (and a
+    compressed record, which would have to be inflated first, is refused by torch).
+    """
     torch = import_torch()
-    if not path.is_file():
-        raise MlxGptError(f"{path} does not exist; pass the PyTorch checkpoint (.pt) to convert")
+    open_regular_file(path, "checkpoint", "pass the PyTorch checkpoint (.pt) to convert").close()
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says what matters
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # Legacy (pre-1.6) files cannot be mapped; their storages are read as the file holds them.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         # torch's message is a paragraph; keep the line that names what the pickle asked for.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -126,25 +142,40 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("it uses persistent ids")
 
 
-def _plain(value: Any) -> bool:
-    if isinstance(value, dict):
-        return all(_plain(k) and _plain(v) for k, v in value.items())
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+def _plain_problem(value: Any) -> str | None:
+    """Why ``value`` is not plain data (dicts of ints and strings), walking iteratively with a node and depth budget.
+
+    A value is counted each time it is reached: shared or self-referencing dicts exhaust the budget, not memory.
+    """
+    stack, nodes = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_PLAIN_NODES:
+            return f"it holds more than {MAX_PLAIN_NODES:,} values (counting shared ones each time)"
+        if depth > MAX_PLAIN_DEPTH:
+            return f"it nests more than {MAX_PLAIN_DEPTH} levels deep"
+        if isinstance(item, dict):
+            stack.extend((x, depth + 1) for pair in item.items() for x in pair)
+        elif not (isinstance(item, str) or (isinstance(item, int) and not isinstance(item, bool))):
+            return f"it holds a {type(item).__name__}"
+    return None
 
 
 def read_meta_pkl(path: Path) -> Vocabulary:
     """The vocabulary from nanoGPT's ``meta.pkl`` (``{vocab_size, itos, stoi}``); only dicts, ints, strings."""
-    try:
-        payload = path.read_bytes()
-    except OSError as exc:
-        raise MlxGptError(f"cannot read --meta {path}: {exc.strerror or exc}") from None
+    payload = read_limited(path, MAX_META_PKL_BYTES, "--meta", "pass nanoGPT's data/<dataset>/meta.pkl")
     try:
         meta = _PlainDataUnpickler(io.BytesIO(payload)).load()
     except Exception as exc:  # any failure of an untrusted pickle is the same user error
         raise MlxGptError(f"{path}: refused as a nanoGPT meta.pkl ({_one_line(str(exc)) or type(exc).__name__}); "
                           "it may hold only dicts, ints and strings") from None
+    problem = _plain_problem(meta)
+    if problem:
+        raise MlxGptError(f"{path}: refused as a nanoGPT meta.pkl ({problem}); it may hold only dicts, ints and "
+                          f"strings; {VOCAB_HINT}")
     itos = meta.get("itos") if isinstance(meta, dict) else None
-    if not _plain(meta) or not isinstance(itos, dict) or sorted(itos) != list(range(len(itos))):
+    if not isinstance(itos, dict) or set(itos) != set(range(len(itos))):
         raise MlxGptError(f"{path}: not a character-level nanoGPT meta.pkl (expected {{'itos': {{0: 'a', ...}}}} "
                           f"of dicts, ints and strings); {VOCAB_HINT}")
     chars = [itos[i] for i in range(len(itos))]
@@ -153,15 +184,20 @@ def read_meta_pkl(path: Path) -> Vocabulary:
     return _checked_vocab(chars, str(path))
 
 
-def vocab_from_text(path: Path) -> Vocabulary:
-    """sorted(set(text)): how all three code bases build their character vocabulary."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MlxGptError(f"cannot read --vocab_from {path}: {exc}") from None
-    if not text:
+def vocab_from_text(path: Path, chunk: int = 2**22) -> Vocabulary:
+    """sorted(set(text)): how all three code bases build their character vocabulary (read in chunks)."""
+    decoder, chars, size = codecs.getincrementaldecoder("utf-8")(), set(), 0
+    with open_regular_file(path, "--vocab_from", "pass the UTF-8 text the model was trained on") as f:
+        try:
+            while block := f.read(chunk):
+                size += len(block)
+                chars.update(decoder.decode(block))
+            chars.update(decoder.decode(b"", final=True))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MlxGptError(f"cannot read --vocab_from {path}: {exc}") from None
+    if not size:
         raise MlxGptError(f"--vocab_from {path} is empty; pass the text the model was trained on")
-    return Vocabulary(sorted(set(text)), f"{path} (its sorted distinct characters)")
+    return _checked_vocab(sorted(chars), f"{path} (its sorted distinct characters)")
 
 
 def _checked_vocab(chars: Any, source: str) -> Vocabulary:
@@ -194,25 +230,66 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def to_numpy_state(state: Any, what: str) -> StateDict:
-    """Torch tensors -> float32 numpy copies, with wrapper prefixes removed from the keys."""
+def tensor_state(state: Any, what: str) -> Tensors:
+    """The tensors of a state_dict by name (wrapper prefixes removed); nothing is copied out of the file yet."""
     if not _is_state_dict(state):
         raise MlxGptError(f"{what} is not a state_dict (a dict of tensors)")
-    out: StateDict = {}
+    out: Tensors = {}
     for key, tensor in state.items():
         name = _strip_prefixes(str(key))
         if name in out:
             raise MlxGptError(f"{what} holds {name} twice (with and without a wrapper prefix)")
-        out[name] = np.array(tensor.detach().cpu().float().numpy(), dtype=np.float32, copy=True)
+        out[name] = tensor
     return out
 
 
-def _layer_count(state: StateDict, pattern: str) -> int:
+def _storage_problem(name: str, tensor: Any) -> str | None:
+    """Why a tensor cannot be copied out as it stands: no data of its own, or more elements than its storage."""
+    import torch
+
+    if tensor.layout != torch.strided or tensor.device.type != "cpu":
+        return f"{name} is a {tensor.layout} tensor on {tensor.device}, not a plain CPU tensor"
+    if not tensor.is_floating_point():
+        return f"{name} has dtype {tensor.dtype}; weights are floating point"
+    shape, stride, stored = tuple(tensor.shape), tensor.stride(), tensor.untyped_storage().nbytes()
+    if any(n > 1 and st < 1 for n, st in zip(shape, stride, strict=True)):
+        return f"{name} of shape {shape} repeats its data (stride 0, e.g. an expand)"
+    end = tensor.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
+    if tensor.numel() and max(end, tensor.numel()) * tensor.element_size() > stored:
+        return f"{name} of shape {shape} is larger than the {stored:,} bytes of data behind it (overlapping views?)"
+    return None
+
+
+def to_numpy_state(tensors: Tensors) -> StateDict:
+    """Float32 numpy copies of checked tensors, refused when they would multiply the file's data in memory."""
+    problem = next((p for name, t in tensors.items() if (p := _storage_problem(name, t))), None)
+    if problem:
+        raise MlxGptError(f"refused: {problem}; re-save the state_dict with real tensors")
+    storages = {(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in tensors.values()}
+    stored = sum(nbytes for _, nbytes in storages)
+    wanted = sum(t.numel() * t.element_size() for t in tensors.values())
+    if wanted > MAX_STORAGE_REUSE * stored + STORAGE_SLACK:
+        raise MlxGptError(f"refused: its tensors would take {wanted:,} bytes from {stored:,} bytes of stored data "
+                          "(many tensors share one storage); re-save the state_dict with real tensors")
+    out: StateDict = {}
+    for name, tensor in tensors.items():
+        out[name] = np.array(tensor.detach().float().numpy(), dtype=np.float32, copy=True)
+        if not np.isfinite(out[name]).all():
+            raise MlxGptError(f"non-finite weights in {name}: the PyTorch checkpoint is damaged; convert another")
+    return out
+
+
+def _layer_count(state: Tensors, pattern: str, what: str) -> int:
+    """How many numbered layers (0..n-1) the names matching ``pattern`` hold; a gap in the numbers is an error."""
     found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
+    if found and len(found) != max(found) + 1:
+        missing = sorted(set(range(len(found) + 1)) - found)[:3]
+        raise MlxGptError(f"the state_dict's {what} are numbered up to {max(found)} but there are {len(found)} "
+                          f"(missing {', '.join(map(str, missing))}, ...): not a complete checkpoint")
+    return len(found)
 
 
-def check_keys(state: StateDict, expected: dict[str, tuple[int, ...]], layout: str) -> None:
+def check_keys(state: Tensors, expected: dict[str, tuple[int, ...]], layout: str) -> None:
     """Raise one error listing missing keys, unexpected keys and wrong shapes, if any."""
     problems = array_mismatches(expected, state)
     if problems:
@@ -220,7 +297,7 @@ def check_keys(state: StateDict, expected: dict[str, tuple[int, ...]], layout: s
                           "pass --format if the layout was detected wrongly")
 
 
-def _require_core(state: StateDict, keys: list[str], layout: str) -> None:
+def _require_core(state: Tensors, keys: list[str], layout: str) -> None:
     """The (2-D) embeddings the shapes are read from; without them every key of the file is unexpected."""
     missing = [k for k in keys if k not in state]
     flat = [k for k in keys if k in state and state[k].ndim != 2]
@@ -269,18 +346,18 @@ def detect_layout(obj: Any) -> str:
     )
 
 
-def _heads_state(obj: Any, layout: str, weights: str, notes: list[str]) -> StateDict:
+def _heads_state(obj: Any, layout: str, weights: str, notes: list[str]) -> Tensors:
     """The state_dict of a miniGPT/lecture checkpoint: the EMA or raw dict of a seed file, or a bare one."""
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
         ema = obj.get("ema_state_dict")
         if ema is not None and weights == "ema":
             notes.append("weights: EMA (ema_state_dict; --weights model picks the raw ones)")
-            return to_numpy_state(ema, "ema_state_dict")
+            return tensor_state(ema, "ema_state_dict")
         notes.append("weights: raw (model_state_dict)" + ("" if ema is not None else "; the file has no EMA weights"))
-        return to_numpy_state(obj["model_state_dict"], "model_state_dict")
+        return tensor_state(obj["model_state_dict"], "model_state_dict")
     if _is_state_dict(obj):
         notes.append("weights: the bare state_dict")
-        return to_numpy_state(obj, "the checkpoint")
+        return tensor_state(obj, "the checkpoint")
     raise MlxGptError(f"not a {layout} checkpoint: expected a dict with model_state_dict or a bare state_dict; "
                       "pass the right --format")
 
@@ -294,8 +371,8 @@ def convert_heads_layout(obj: Any, layout: str, vocab: Vocabulary | None, weight
     _require_core(state, ["token_embedding_table.weight", "position_embedding_table.weight"], layout)
     V, C = state["token_embedding_table.weight"].shape
     T = state["position_embedding_table.weight"].shape[0]
-    n_layer = _layer_count(state, r"blocks\.(\d+)\.")
-    n_head = _layer_count(state, r"blocks\.0\.sa\.heads\.(\d+)\.")
+    n_layer = _layer_count(state, r"blocks\.(\d+)\.", "blocks")
+    n_head = _layer_count(state, r"blocks\.0\.sa\.heads\.(\d+)\.", "heads of blocks.0")
     if n_layer == 0 or n_head == 0 or C % n_head:
         raise MlxGptError(f"not a {layout} layout: found {n_layer} blocks.N and {n_head} blocks.0.sa.heads.N "
                           f"with n_embd {C}; pass the right --format")
@@ -320,6 +397,7 @@ def convert_heads_layout(obj: Any, layout: str, vocab: Vocabulary | None, weight
         for ln in ("ln1", "ln2"):
             expected |= {f"{b}{ln}.weight": (C,), f"{b}{ln}.bias": (C,)}
     check_keys(state, expected, layout)
+    state = to_numpy_state(state)  # only now, with every name and shape known to fit
 
     wte = state["token_embedding_table.weight"]
     tied, head = _head(state, wte, notes)
@@ -353,8 +431,8 @@ def convert_heads_layout(obj: Any, layout: str, vocab: Vocabulary | None, weight
             if chars is None:
                 raise MlxGptError(f"this miniGPT checkpoint has no meta['chars'] vocabulary; {VOCAB_HINT}")
             vocab = _checked_vocab(chars, "the checkpoint's meta['chars']")
-        if isinstance(meta, Mapping) and isinstance(meta.get("dropout"), (int, float)):
-            dropout = float(meta["dropout"])
+        if isinstance(meta, Mapping) and "dropout" in meta:
+            dropout = _dropout(meta["dropout"], "miniGPT meta['dropout']")
     elif vocab is None:
         raise MlxGptError(f"a \"Let's build GPT\" state_dict holds no vocabulary; {VOCAB_HINT}")
     config = GPTConfig(vocab_size=V, block_size=T, n_layer=n_layer, n_head=n_head, n_embd=C, dropout=dropout,
@@ -362,6 +440,12 @@ def convert_heads_layout(obj: Any, layout: str, vocab: Vocabulary | None, weight
                        lm_head_bias=lm_head_bias, tie_weights=tied)
     iteration = obj.get("iter", 0) if isinstance(obj, Mapping) else 0
     return _finish(layout, config, vocab, out, iteration, notes)
+
+
+def _dropout(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise MlxGptError(f"{what} must be a number in [0, 1), got {_one_line(repr(value))[:40]}")
+    return float(value)
 
 
 def _meta_pkl_candidates(obj: Mapping, ckpt_path: Path | None) -> list[Path]:
@@ -388,12 +472,19 @@ def convert_nanogpt(obj: Any, vocab: Vocabulary | None, ckpt_path: Path | None =
     args = obj["model_args"]
     try:
         n_layer, n_head, n_embd = int(args["n_layer"]), int(args["n_head"]), int(args["n_embd"])
-    except (KeyError, TypeError, ValueError):
-        raise MlxGptError(f"nanoGPT model_args lacks n_layer/n_head/n_embd: {dict(args)}") from None
+    except (KeyError, TypeError, ValueError, OverflowError):
+        raise MlxGptError(f"nanoGPT model_args lacks integer n_layer/n_head/n_embd (it has "
+                          f"{name_list(sorted(map(str, args)))})") from None
+    dropout = _dropout(args.get("dropout", 0.0), "nanoGPT model_args.dropout")
     notes: list[str] = []
-    state = to_numpy_state(obj["model"], "the nanoGPT 'model' state_dict")
+    state = tensor_state(obj["model"], "the nanoGPT 'model' state_dict")
     state = {k: v for k, v in state.items() if not re.fullmatch(r"transformer\.h\.\d+\.attn\.bias", k)}  # masks
     _require_core(state, ["transformer.wte.weight", "transformer.wpe.weight"], layout)
+    # Compared before anything ranges over n_layer: a header claiming 10**9 layers must not build 10**9 names.
+    layers = _layer_count(state, r"transformer\.h\.(\d+)\.", "layers transformer.h.N")
+    if layers != n_layer:
+        raise MlxGptError(f"nanoGPT model_args.n_layer is {n_layer} but the state_dict holds {layers} layers "
+                          "(transformer.h.N): the checkpoint is inconsistent")
     V = state["transformer.wte.weight"].shape[0]
     T = state["transformer.wpe.weight"].shape[0]
     # Old nanoGPT files predate model_args["bias"]; they always had biases.
@@ -416,6 +507,7 @@ def convert_nanogpt(obj: Any, vocab: Vocabulary | None, ckpt_path: Path | None =
         linear_or_norm(f"{b}mlp.c_fc", (4 * C, C))
         linear_or_norm(f"{b}mlp.c_proj", (C, 4 * C))
     check_keys(state, expected, layout)
+    state = to_numpy_state(state)  # only now, with every name and shape known to fit
 
     wte = state["transformer.wte.weight"]
     tied, head = _head(state, wte, notes)
@@ -428,7 +520,7 @@ def convert_nanogpt(obj: Any, vocab: Vocabulary | None, ckpt_path: Path | None =
             raise MlxGptError(f"no vocabulary for this nanoGPT checkpoint: no meta.pkl at {looked}; {VOCAB_HINT}")
         vocab = read_meta_pkl(meta_path)
     config = GPTConfig(vocab_size=V, block_size=T, n_layer=n_layer, n_head=n_head, n_embd=C,
-                       dropout=float(args.get("dropout", 0.0)), bias=bias, activation="gelu",
+                       dropout=dropout, bias=bias, activation="gelu",
                        lm_head_bias=False, tie_weights=tied)
     return _finish(layout, config, vocab, out, obj.get("iter_num", 0), notes)
 

@@ -123,6 +123,9 @@ class Dataset:
 
     def __init__(self, text: str, tokenizer: CharTokenizer, block_size: int, source: str = "text") -> None:
         tokens = tokenizer.encode(text)
+        # saved in checkpoints, so that a resume on another text can say so
+        self.fingerprint = {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "chars": len(text),
+                            "source": source}
         n_train = int(TRAIN_FRACTION * len(tokens))
         self.train, self.val = tokens[:n_train], tokens[n_train:]
         self.source = source

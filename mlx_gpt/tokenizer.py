@@ -9,6 +9,10 @@ import numpy as np
 
 from .errors import MlxGptError
 
+# The most characters a vocabulary may hold. Real text stays far below it (Tiny Shakespeare: 65; a text mixing many
+# scripts: a few thousand), and the cap bounds what a damaged checkpoint header can make a loader build.
+MAX_VOCAB_SIZE = 2**16
+
 
 class CharTokenizer:
     """Maps characters to ids by their position in a sorted vocabulary."""
@@ -16,11 +20,19 @@ class CharTokenizer:
     def __init__(self, chars: Iterable[str]) -> None:
         if not isinstance(chars, (list, tuple, str)):  # e.g. a damaged checkpoint header
             raise MlxGptError(f"the vocabulary must be a list of characters, got {type(chars).__name__}")
+        if len(chars) > MAX_VOCAB_SIZE:
+            raise MlxGptError(f"the vocabulary has {len(chars)} characters, more than the limit of {MAX_VOCAB_SIZE}; "
+                              "a character-level model of real text needs far fewer")
         self.chars: list[str] = list(chars)
         if not self.chars:
             raise MlxGptError("the vocabulary is empty: build the tokenizer from non-empty text")
         if any(not isinstance(c, str) or len(c) != 1 for c in self.chars):
             raise MlxGptError("the vocabulary must be a list of single characters")
+        # A lone surrogate is no character: printing or saving it as UTF-8 fails halfway through the output.
+        surrogates = [c for c in self.chars if "\ud800" <= c <= "\udfff"]
+        if surrogates:
+            raise MlxGptError(f"the vocabulary holds {len(surrogates)} lone surrogate(s) such as {surrogates[0]!r}, "
+                              "which are not characters (UTF-8 cannot encode them); rebuild it from UTF-8 text")
         if len(set(self.chars)) != len(self.chars):
             raise MlxGptError("the vocabulary has repeated characters")
         self._ids = {c: i for i, c in enumerate(self.chars)}

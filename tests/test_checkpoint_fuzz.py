@@ -155,8 +155,8 @@ def test_not_a_file(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- well-formed npz, wrong content
 
-NON_NUMERIC = [np.dtype("U3"), np.dtype("S3"), np.dtype("c8"), np.dtype("M8[s]"), np.dtype("V4")]
-NUMERIC = [np.dtype(t) for t in ("f2", "f8", "i1", "i8", "u2", "?")]
+NON_FLOAT = [np.dtype(t) for t in ("U3", "S3", "c8", "M8[s]", "V4", "i1", "i8", "u2", "?")]
+OTHER_FLOATS = [np.dtype("f2"), np.dtype("f8")]
 
 
 @FUZZ
@@ -166,18 +166,18 @@ def test_wrong_dtype_or_shape_of_an_array(valid, target, data) -> None:
     _, arrays = valid
     name = data.draw(st.sampled_from(sorted(k for k in arrays if k.startswith("model/"))), label="name")
     original = arrays[name]
-    change = data.draw(st.sampled_from(["dtype", "non-numeric", "shape"]), label="change")
+    change = data.draw(st.sampled_from(["float dtype", "non-float", "shape"]), label="change")
     if change == "shape":
         shape = data.draw(st.lists(st.integers(0, 9), min_size=0, max_size=3).map(tuple)
                           .filter(lambda s: s != original.shape), label="shape")
         replacement = np.zeros(shape, dtype=original.dtype)
     else:
-        dtype = data.draw(st.sampled_from(NUMERIC if change == "dtype" else NON_NUMERIC), label="dtype")
+        dtype = data.draw(st.sampled_from(OTHER_FLOATS if change == "float dtype" else NON_FLOAT), label="dtype")
         replacement = np.zeros(original.shape, dtype=dtype)
     damaged = {**arrays, name: replacement}
     target.write_bytes(_npz(_with_meta(damaged, _meta(arrays), recompute_checksum=True)))
     loaded = _sample_or_error(target)
-    if change != "dtype":
+    if change != "float dtype":  # integer and bool weights too: they would fail later, inside MLX
         assert not loaded, f"{change} change of {name} was accepted"
 
 

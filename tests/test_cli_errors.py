@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -57,10 +58,21 @@ BAD_VALUES = {
     cli.any_int: ["abc", "nan", "1.5", "inf"],
     cli.open_unit_interval: ["0", "-0.1", "1.5", "abc", "nan"],
     cli.closed_unit_interval: ["-0.1", "1.5", "abc", "nan", "inf"],
+    cli.seed: ["-1", str(2**64), str(10**30), "abc", "nan", "1.5"],
 }
 GOOD_VALUE = {cli.positive_int: "3", cli.nonnegative_int: "0", cli.positive_float: "1e-3",
               cli.nonnegative_float: "0", cli.unit_interval: "0.5", cli.any_int: "-7",
-              cli.open_unit_interval: "1", cli.closed_unit_interval: "0"}
+              cli.open_unit_interval: "1", cli.closed_unit_interval: "0", cli.seed: str(2**64 - 1)}
+
+
+def bad_values(kind: object) -> list[str]:
+    if isinstance(kind, cli.IntRange):  # a capped integer: just outside both ends, and not integers
+        return [str(kind.low - 1), str(kind.high + 1), str(2**64), "abc", "nan", "1.5"]
+    return BAD_VALUES[kind]
+
+
+def good_value(kind: object) -> str:
+    return str(kind.high) if isinstance(kind, cli.IntRange) else GOOD_VALUE[kind]
 
 
 class _Captured(Exception):
@@ -89,8 +101,9 @@ def _numeric_flags(parser: argparse.ArgumentParser) -> list[tuple[str, object]]:
     for action in parser._actions:
         if action.type is None or action.choices is not None:
             continue
-        assert action.type in BAD_VALUES, (f"{action.option_strings[0]} uses type={action.type!r}: use one of the "
-                                           "validating types in mlx_gpt.cli (e.g. cli.positive_int)")
+        assert action.type in BAD_VALUES or isinstance(action.type, cli.IntRange), (
+            f"{action.option_strings[0]} uses type={action.type!r}: use one of the validating types in mlx_gpt.cli "
+            "(e.g. cli.positive_int)")
         flags.append((action.option_strings[0], action.type))
     return flags
 
@@ -110,8 +123,8 @@ def test_every_numeric_flag_refuses_bad_values(script_name: str, monkeypatch, ca
         assert {flag for flag, _ in flags} >= {"--max_new_tokens", "--temperature", "--top_k", "--num_samples"}
     tried = 0
     for flag, kind in flags:
-        parser.parse_args([flag, GOOD_VALUE[kind]])
-        for value in BAD_VALUES[kind]:
+        parser.parse_args([flag, good_value(kind)])
+        for value in bad_values(kind):
             with pytest.raises(SystemExit) as exit_info:
                 parser.parse_args([f"{flag}={value}"])  # "=": also a value like "-1" stays a value
             stderr = capsys.readouterr().err
@@ -128,6 +141,8 @@ def test_every_numeric_flag_refuses_bad_values(script_name: str, monkeypatch, ca
     (["train.py", "--dropout", "1"], "--dropout"),
     (["sample.py", "--temperature", "-1"], "--temperature"),
     (["sample.py", "--top_k", "0"], "--top_k"),
+    (["sample.py", "--seed", "-1"], "--seed"),
+    (["train.py", "--seed", str(2**64)], "--seed"),
 ])
 def test_bad_flag_value_in_a_real_process(argv: list[str], flag: str) -> None:
     proc = run_script(*argv)
@@ -167,6 +182,8 @@ def _one_line_error(code: int, err: str) -> str:
     ({"dropout": 1.5}, "dropout"),
     ({"bias": 1}, "bias"),
     ({"n_layers": 4}, "n_layers"),
+    ({"seed": -1}, "seed must be in [0, 2**64)"),
+    ({"seed": 2**64}, "seed must be in [0, 2**64)"),
 ])
 def test_config_file_with_bad_values(tmp_path: Path, small_text: Path, train_script, monkeypatch, capsys,
                                      values: dict, field: str) -> None:
@@ -276,9 +293,55 @@ def test_bad_prompt(tmp_path: Path, untrained_checkpoint: Path, sample_script, m
 
 
 @pytest.mark.parametrize("make, expected", [
+    (lambda p: p.write_bytes(b"a" * (2**20 + 1)), "is larger than the limit of 1,048,576 bytes"),
+    (lambda p: p.mkdir(), "is a folder, not a file"),
+])
+def test_prompt_file_that_is_not_a_small_text_file(tmp_path: Path, untrained_checkpoint: Path, sample_script,
+                                                   monkeypatch, capsys, make, expected: str) -> None:
+    prompt = tmp_path / "prompt.txt"
+    make(prompt)
+    code, out, err = _run_main(sample_script, ["--ckpt", str(untrained_checkpoint), "--prompt", f"FILE:{prompt}",
+                                               "--device", "cpu"], monkeypatch, capsys)
+    assert f"cannot read prompt file {prompt}: it {expected}" in _one_line_error(code, err) and not out
+
+
+@pytest.mark.parametrize("source", ["fifo", "/dev/zero"])
+def test_prompt_file_that_never_ends_is_refused_at_once(tmp_path: Path, untrained_checkpoint: Path,
+                                                         source: str) -> None:
+    """A FIFO would block the read and /dev/zero never ends: both refused as not regular files."""
+    path = Path(source)
+    if source == "fifo":
+        path = tmp_path / "prompt.fifo"
+        os.mkfifo(path)
+    proc = run_script("sample.py", "--ckpt", str(untrained_checkpoint), "--prompt", f"FILE:{path}", "--device", "cpu",
+                      timeout=120)
+    assert "is not a regular file (a FIFO, device or socket)" in _one_line_error(proc.returncode, proc.stderr)
+
+
+@pytest.mark.parametrize("flag, value, limit", [
+    ("--num_samples", "1000000", "1,024"),
+    ("--max_new_tokens", str(2**31), "1,000,000"),
+    ("--repetition_context_size", str(10**12), "1,000,000"),
+])
+def test_sample_caps_name_their_limit(sample_script, monkeypatch, capsys, flag: str, value: str, limit: str) -> None:
+    parser = _parser_of(sample_script, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: must be at most {limit} (the limit), got {value}" in capsys.readouterr().err
+
+
+def test_num_samples_times_length_is_capped(untrained_checkpoint: Path, sample_script, monkeypatch, capsys) -> None:
+    code, out, err = _run_main(sample_script, ["--ckpt", str(untrained_checkpoint), "--num_samples", "1024",
+                                               "--max_new_tokens", "1000000", "--device", "cpu"], monkeypatch, capsys)
+    error = _one_line_error(code, err)
+    assert "is 1,024,001,024 characters, more than the limit of 33,554,432" in error and not out
+
+
+@pytest.mark.parametrize("make, expected", [
     (lambda p: None, "does not exist"),
-    (lambda p: p.mkdir(), "does not exist"),
-    (lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), "not a readable .npz"),
+    (lambda p: p.mkdir(), "is a folder, not a file"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 not really a zip"), "not an .npz file"),
     (lambda p: np.savez(p, x=np.zeros(3)), "not an mlx-gpt checkpoint"),
 ])
 def test_bad_checkpoint_for_sampling(tmp_path: Path, sample_script, monkeypatch, capsys, make, expected) -> None:

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostile_inputs
 import numpy as np
 import pytest
 from conftest import ROOT, run_script
 
-from mlx_gpt.convert import TORCH_HINT, convert_file, read_meta_pkl
+from mlx_gpt.convert import TORCH_HINT, convert_file, read_meta_pkl, vocab_from_text
 from mlx_gpt.errors import MlxGptError
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
@@ -227,3 +228,80 @@ def test_without_torch_the_error_says_how_to_install_it(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == f"error: {TORCH_HINT}\n"
     assert 'pip install -e ".[convert]"' in TORCH_HINT
+
+
+# ----------------------------------------------------------------------------- hostile files: bounded before copying
+
+
+@pytest.mark.parametrize("value, message", [
+    (hostile_inputs.laughs(40, 2), "it nests more than 8 levels deep"),
+    (hostile_inputs.laughs(3, 200), "it holds more than 1,048,576 values"),
+    ({"itos": {0: "a", "x": "b"}}, "not a character-level nanoGPT meta.pkl"),
+])
+def test_meta_pkl_plain_data_check_counts_nodes_and_depth(tmp_path, value, message):
+    meta = tmp_path / "meta.pkl"
+    meta.write_bytes(pickle.dumps(value))
+    assert len(meta.read_bytes()) < 10_000  # small files whose walk by paths would visit 2**40 or 8e6 dicts
+    with pytest.raises(MlxGptError, match=message):
+        read_meta_pkl(meta)
+
+
+def test_self_referencing_meta_pkl_is_refused(tmp_path):
+    value = {"vocab_size": 1, "itos": {0: "a"}}
+    value["itos"]["loop"] = value
+    meta = tmp_path / "meta.pkl"
+    meta.write_bytes(pickle.dumps(value))
+    with pytest.raises(MlxGptError, match="it nests more than 8 levels deep"):
+        read_meta_pkl(meta)
+
+
+@pytest.mark.parametrize("reader", [read_meta_pkl, vocab_from_text])
+def test_vocabulary_files_that_never_end_are_refused(tmp_path, reader):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        with pytest.raises(MlxGptError, match=r"is not a regular file \(a FIFO, device or socket\)"):
+            reader(path)
+
+
+def test_vocab_from_reads_in_chunks_across_multibyte_characters(tmp_path):
+    text = tmp_path / "input.txt"
+    text.write_text("héllo — wörld 🙂\n" * 7, encoding="utf-8")
+    assert vocab_from_text(text, chunk=3).chars == sorted(set(text.read_text(encoding="utf-8")))
+
+
+def test_nanogpt_n_layer_beyond_its_state_dict_is_refused_before_any_loop(tmp_path):
+    pytest.importorskip("torch")
+    src = hostile_inputs.nanogpt_file(tmp_path / "ckpt.pt", hostile_inputs.nanogpt_state(), n_layer=10**9)
+    (tmp_path / "input.txt").write_text(hostile_inputs.TEXT)
+    with pytest.raises(MlxGptError, match="model_args.n_layer is 1000000000 but the state_dict holds 2 layers"):
+        convert_file(src, tmp_path / "out.npz", vocab_from=tmp_path / "input.txt")
+
+
+def test_head_numbered_far_beyond_the_others_is_refused(tmp_path):
+    pytest.importorskip("torch")
+    command = hostile_inputs.CASES["pt_minigpt_head_1e9"](tmp_path)
+    with pytest.raises(MlxGptError, match="heads of blocks.0 are numbered up to 999999999 but there are 1"):
+        convert_file(command.argv[1], tmp_path / "out.npz")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("pt_expand_as_weights", r"repeats its data \(stride 0, e.g. an expand\)"),
+    ("pt_layers_share_one_storage", r"would take [\d,]+ bytes from [\d,]+ bytes of stored data"),
+    ("pt_int_weights", "transformer.wpe.weight has dtype torch.int64; weights are floating point"),
+    ("pt_nan_weights", r"non-finite weights in transformer\.h\.1\.mlp\.c_fc\.weight"),
+])
+def test_tensors_are_checked_before_they_are_copied_out(tmp_path, name, message):
+    pytest.importorskip("torch")
+    command = hostile_inputs.CASES[name](tmp_path)
+    with pytest.raises(MlxGptError, match=message):
+        convert_file(command.argv[1], tmp_path / "out.npz", vocab_from=command.argv[-1])
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_tied_weights_sharing_one_storage_still_convert(tmp_path):
+    pytest.importorskip("torch")
+    src = hostile_inputs.nanogpt_file(tmp_path / "ckpt.pt", hostile_inputs.nanogpt_state())
+    (tmp_path / "input.txt").write_text(hostile_inputs.TEXT)
+    result = convert_file(src, tmp_path / "out.npz", vocab_from=tmp_path / "input.txt")
+    assert result.config.tie_weights and "lm_head: tied to the token embedding" in result.notes

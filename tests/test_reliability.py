@@ -380,6 +380,18 @@ def test_resume_that_has_nothing_to_train_is_an_error(tmp_path: Path, small_text
         _one_line_error(proc.stderr)
 
 
+def test_resume_on_another_text_says_so(tmp_path: Path, small_text: Path) -> None:
+    out, other = tmp_path / "out", tmp_path / "other.txt"
+    other.write_text(small_text.read_text()[::-1])  # the same characters, another text
+    assert run_script("train.py", *_flags(small_text, out, "--max_iters", "2", "--eval_interval", "2")).returncode == 0
+    assert Checkpoint.load(out / "latest.npz").data["sha256"] != ""
+    same = run_script("train.py", *_flags(small_text, out, "--max_iters", "3", "--resume"))
+    assert same.returncode == 0 and "is not the text" not in same.stdout
+    changed = run_script("train.py", *_flags(other, out, "--max_iters", "4", "--resume"))
+    assert changed.returncode == 0, changed.stderr
+    assert f"note: {other} ({len(other.read_text()):,} characters) is not the text" in changed.stdout
+
+
 def test_latest_npz_that_is_a_folder_is_named_in_the_save_error(tmp_path: Path, small_text: Path) -> None:
     out = tmp_path / "out"
     (out / "latest.npz").mkdir(parents=True)

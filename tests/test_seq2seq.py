@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from conftest import ROOT
 from mlx.utils import tree_map
 
+from mlx_gpt.checkpoint import arrays_checksum
 from mlx_gpt.config import GPTConfig, TrainConfig
 from mlx_gpt.errors import MlxGptError
 from mlx_gpt.model import GPT
@@ -256,6 +258,62 @@ def test_save_and_load_translator_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.npz").write_bytes(bytes(data))
     with pytest.raises(MlxGptError):
         load_translator(tmp_path / "bad.npz")
+
+
+def _saved_translator(path: Path) -> Path:
+    return save_translator(path, make_model(10), SpecialCharTokenizer.from_text("abcdefghij"),
+                           SpecialCharTokenizer.from_text("01234567"))
+
+
+def _edited(path: Path, change_meta=None, arrays: dict | None = None) -> None:
+    """Re-save a translator with its header or arrays changed and a matching checksum (as a buggy writer would)."""
+    with np.load(path, allow_pickle=False) as npz:
+        current = {k: npz[k] for k in npz.files}
+    meta = json.loads(current.pop("meta").tobytes())
+    current.update(arrays or {})
+    if change_meta:
+        change_meta(meta)
+    meta["checksum"] = arrays_checksum(current)
+    np.savez(path, **current, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: _edited(p, lambda m: m["config"].update(n_encoder_layer=10**9)),
+     r"n_layer is 1000000000 but the weights hold 2 encoder\.h\.N layers"),
+    (lambda p: _edited(p, arrays={"model/encoder.wte.weight": np.ones((13, 32), dtype=np.int64)}),
+     r"model/encoder\.wte\.weight has dtype int64 but must hold floats"),
+    (lambda p: _edited(p, arrays={"model/decoder.ln_f.weight": np.full(32, np.nan, dtype=np.float32)}),
+     r"non-finite weights in model/decoder\.ln_f\.weight: the translator is damaged"),
+    (lambda p: np.savez(p, meta=np.frombuffer(b"[" * 50_000, dtype=np.uint8)),
+     "its header nests 50000 levels deep, more than the limit of 32"),
+    (lambda p: p.write_text("not a zip\n"), r"not an \.npz file"),
+    (lambda p: (p.unlink(), p.mkdir()), "is a folder, not a file"),
+])
+def test_translator_loader_has_every_checkpoint_check(tmp_path: Path, damage, message: str) -> None:
+    path = _saved_translator(tmp_path / "t.npz")
+    damage(path)
+    with pytest.raises(MlxGptError, match=message) as info:
+        load_translator(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_translator_says_how_to_train_one(tmp_path: Path) -> None:
+    with pytest.raises(MlxGptError, match="does not exist; train one with python -m mlx_gpt.seq2seq.train"):
+        load_translator(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--seed", "-1"], 2, "error: argument --seed: must be in [0, 2**64), got -1"),
+    (["--seed", str(2**64)], 2, "error: argument --seed: must be in [0, 2**64)"),
+    (["--out", "{tmp}"], 1, "error: --out {tmp} is a folder; give a file name such as"),
+])
+def test_train_script_refuses_bad_seed_and_folder_output_before_training(tmp_path: Path, args: list[str], code: int,
+                                                                          message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mlx_gpt.seq2seq.train", *[a.format(tmp=tmp_path) for a in args],
+                           "--max_iters", "3", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == code and message.format(tmp=tmp_path) in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "iter 1" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------- learning

@@ -12,7 +12,7 @@ import pytest
 from mlx_gpt import data
 from mlx_gpt.data import BatchSampler, Dataset, read_text, resolve_data_path
 from mlx_gpt.errors import MlxGptError
-from mlx_gpt.tokenizer import CharTokenizer
+from mlx_gpt.tokenizer import MAX_VOCAB_SIZE, CharTokenizer
 
 
 def test_tiny_shakespeare_vocabulary_and_round_trip(shakespeare: Path) -> None:
@@ -36,6 +36,19 @@ def test_unknown_characters_are_listed_never_dropped() -> None:
 def test_a_bad_vocabulary_is_our_error(vocab: object) -> None:
     with pytest.raises(MlxGptError, match="vocabulary"):
         CharTokenizer(vocab)
+
+
+@pytest.mark.parametrize("vocab", [["a", "\ud800"], "\udfffb", ["\udc80"]])
+def test_a_vocabulary_with_a_lone_surrogate_is_refused(vocab: object) -> None:
+    """Not a character: printing or saving it as UTF-8 would fail halfway through the output."""
+    with pytest.raises(MlxGptError, match=r"lone surrogate\(s\) such as '\\ud[89a-f][0-9a-f]{2}'"):
+        CharTokenizer(vocab)
+
+
+def test_a_vocabulary_over_the_cap_is_refused_before_it_is_built() -> None:
+    CharTokenizer([chr(0x10000 + i) for i in range(MAX_VOCAB_SIZE)])  # the cap itself is allowed
+    with pytest.raises(MlxGptError, match=f"has 1000000 characters, more than the limit of {MAX_VOCAB_SIZE}"):
+        CharTokenizer(" " * 1_000_000)  # refused by its length: no repeated-character check over a million
 
 
 def test_non_ascii_vocabulary_round_trips() -> None:

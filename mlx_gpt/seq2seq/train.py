@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,6 +21,7 @@ import numpy as np
 from .. import cli
 from ..config import TrainConfig
 from ..device import describe_device, select_device
+from ..errors import MlxGptError
 from ..training.optim import AdamW, lr_schedule
 from .checkpoint import save_translator
 from .dates import TARGET_CHARS, DatePairs, DateTask, source_chars
@@ -128,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("learning_rate", "min_lr", "weight_decay"):
         t.add_argument(f"--{name}", type=cli.nonnegative_float, default=DEFAULT_TRAIN[name])
     t.add_argument("--label_smoothing", type=cli.unit_interval, default=0.0)
-    t.add_argument("--seed", type=cli.any_int, default=DEFAULT_TRAIN["seed"])
+    t.add_argument("--seed", type=cli.seed, default=DEFAULT_TRAIN["seed"])
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--n_test", type=cli.positive_int, default=1000, help="held-out dates to score on")
     r = p.add_argument_group("run")
@@ -138,8 +140,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_output_path(out: Path) -> None:
+    """Refuse an output the save at the end could not write, before any training time is spent."""
+    if out.is_dir():
+        raise MlxGptError(f"--out {out} is a folder; give a file name such as {out / 'dates.npz'}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise MlxGptError(f"--out {out}: {parent} is not a folder; give a path inside a folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_output_path(Path(args.out))
     device = select_device(args.device)
     print(describe_device(device))
     src_tokenizer = SpecialCharTokenizer.from_text(source_chars())

@@ -35,4 +35,9 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, resume: Checkpoint | Non
     trainer.log(banner(model_cfg, train_cfg, dataset, device, trainer.model.num_params(), trainer.world_size))
     if resume is not None:
         trainer.log(f"resuming from {resume.path} at iter {resume.iter}")
+        trained_on = resume.data or {}
+        if trained_on.get("sha256") not in (None, dataset.fingerprint["sha256"]):
+            trainer.log(f"note: {dataset.source} ({dataset.fingerprint['chars']:,} characters) is not the text "
+                        f"{resume.path} was trained on ({trained_on.get('source')}, {trained_on.get('chars')} "
+                        "characters); training goes on with it")
     return trainer.run(device, force=force)

@@ -110,7 +110,7 @@ class Trainer:
             optimizer={k: np.array(v) for k, v in tree_flatten(self.optimizer.state)},
             ema={k: np.array(v) for k, v in tree_flatten(self.ema)} if self.ema is not None else {},
             train=self.cfg.to_dict(), iter=self.iter, best_val_loss=self.best_val_loss,
-            data_rng=self.sampler.state(), lineage=self.folder.lineage,
+            data_rng=self.sampler.state(), data=self.dataset.fingerprint, lineage=self.folder.lineage,
         )
 
     # -- one step, one evaluation -----------------------------------------------------------------------------
