@@ -669,12 +669,12 @@ def _(folder: Path) -> Case:
 
 @case("flag_seed_negative_seq2seq")
 def _(folder: Path) -> Case:
-    return Case(["-m", "mlx_gpt.seq2seq.train", "--seed", "-1"], "must be in [0, 2**64), got -1", code=2)
+    return Case(["-m", "mlx_gpt.seq2seq", "--seed", "-1"], "must be in [0, 2**64), got -1", code=2)
 
 
 @case("seq2seq_out_is_a_folder")
 def _(folder: Path) -> Case:
-    return Case(["-m", "mlx_gpt.seq2seq.train", "--out", str(folder), "--device", "cpu"],
+    return Case(["-m", "mlx_gpt.seq2seq", "--out", str(folder), "--device", "cpu"],
                 f"--out {folder} is a folder")
 
 

@@ -298,7 +298,7 @@ def test_translator_loader_has_every_checkpoint_check(tmp_path: Path, damage, me
 
 
 def test_missing_translator_says_how_to_train_one(tmp_path: Path) -> None:
-    with pytest.raises(MlxGptError, match="does not exist; train one with python -m mlx_gpt.seq2seq.train"):
+    with pytest.raises(MlxGptError, match="does not exist; train one with python -m mlx_gpt.seq2seq"):
         load_translator(tmp_path / "missing.npz")
 
 
@@ -309,7 +309,7 @@ def test_missing_translator_says_how_to_train_one(tmp_path: Path) -> None:
 ])
 def test_train_script_refuses_bad_seed_and_folder_output_before_training(tmp_path: Path, args: list[str], code: int,
                                                                           message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "mlx_gpt.seq2seq.train", *[a.format(tmp=tmp_path) for a in args],
+    proc = subprocess.run([sys.executable, "-m", "mlx_gpt.seq2seq", *[a.format(tmp=tmp_path) for a in args],
                            "--max_iters", "3", "--device", "cpu"], capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
     assert proc.returncode == code and message.format(tmp=tmp_path) in proc.stderr, proc.stderr
@@ -346,7 +346,7 @@ def test_training_learns_a_few_dates() -> None:
 def test_train_script_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "dates.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "mlx_gpt.seq2seq.train", "--max_iters", "3", "--n_embd", "16", "--n_head", "2",
+        [sys.executable, "-m", "mlx_gpt.seq2seq", "--max_iters", "3", "--n_embd", "16", "--n_head", "2",
          "--batch_size", "4", "--n_test", "4", "--eval_interval", "3", "--out", str(out), "--device", "cpu"],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -30,8 +30,8 @@ from .tokenizer import SpecialCharTokenizer
 
 FORMAT = "mlx-gpt-seq2seq"
 VERSION = 1
-KIND = ContainerKind(FORMAT, VERSION, "translator", missing="train one with python -m mlx_gpt.seq2seq.train",
-                     fix="train it again (python -m mlx_gpt.seq2seq.train)", groups=("model",))
+KIND = ContainerKind(FORMAT, VERSION, "translator", missing="train one with python -m mlx_gpt.seq2seq",
+                     fix="train it again (python -m mlx_gpt.seq2seq)", groups=("model",))
 
 
 def save_translator(path: str | Path, model: Seq2Seq, src_tokenizer: SpecialCharTokenizer,
