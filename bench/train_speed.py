@@ -3,6 +3,7 @@
     python bench/train_speed.py                       # baby and default configs, 3 pairs each
     python bench/train_speed.py --configs baby --pairs 5
     python bench/train_speed.py --sides mlx           # MLX only (also what happens without PyTorch)
+    python bench/train_speed.py --sides mlx --configs baby --blas numpy system   # MLX with each BLAS, interleaved
 
 Each measurement runs in its own process, the two sides interleaved (MLX, PyTorch, MLX, PyTorch ...), so a
 machine whose speed drifts (other work, thermal limits) moves both alike; every pair gives a ratio. The MLX
@@ -142,8 +143,11 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def spawn(kind: str, *extra: str) -> dict:
+    """A child process of ``kind`` (mlx, torch, sgemm; mlx/BLAS: MLX with MLX_GPT_OPENBLAS=BLAS)."""
+    kind, _, blas = kind.partition("/")
+    env = {**os.environ, "MLX_GPT_OPENBLAS": blas} if blas else None
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -163,6 +167,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3, help="interleaved rounds per config")
     p.add_argument("--steps", type=int, help="timed steps per process (default: 100 baby, 3 default)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="text to train on (Tiny Shakespeare)")
+    p.add_argument("--blas", nargs="+", choices=("numpy", "system"),
+                   help="MLX side once per BLAS (MLX_GPT_OPENBLAS=numpy or system), interleaved; default: as set")
     p.add_argument("--child", choices=("mlx", "torch", "sgemm"), help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
@@ -177,6 +183,8 @@ def main() -> None:
         sides.remove("torch")
     if "mlx" not in sides:  # the MLX process writes the shared initial weights
         sides.insert(0, "mlx")
+    if args.blas:
+        sides[sides.index("mlx"):sides.index("mlx") + 1] = [f"mlx/{blas}" for blas in args.blas]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
@@ -210,7 +218,8 @@ def report(rows: list, data: str) -> None:
     for name, preset, results, peaks in rows:
         model_cfg, train_cfg, _, _ = configs(preset, data)
         tokens = model_cfg.block_size * train_cfg.batch_size
-        flops = flops_per_step(results["mlx"][0]["params"], preset, data)
+        mlx_sides = [side for side in results if side.startswith("mlx")]
+        flops = flops_per_step(results[mlx_sides[0]][0]["params"], preset, data)
         peak = statistics.median(peaks)
         medians = {}
         for side, runs in results.items():
@@ -220,9 +229,11 @@ def report(rows: list, data: str) -> None:
             rss = max(r["peak_rss_mib"] for r in runs)
             print(f"| {name} | {side} | {ms * 1e3:.1f} | {tokens / ms:,.0f} | {100 * flops / ms / 1e9 / peak:.0f} % "
                   f"| {rss:.0f} |")
-        if "torch" in medians:
-            ratios = [t / m for m, t in zip(medians["mlx"], medians["torch"], strict=True)]
-            summary.append(f"{name}: MLX/PyTorch tokens/s per pair {', '.join(f'{r:.2f}' for r in ratios)}; "
+        # The first MLX side's tokens/s over each other side's (another BLAS, PyTorch), pair by pair.
+        for other in [side for side in medians if side != mlx_sides[0]]:
+            ratios = [o / m for m, o in zip(medians[mlx_sides[0]], medians[other], strict=True)]
+            label = "MLX/PyTorch" if (mlx_sides[0], other) == ("mlx", "torch") else f"{mlx_sides[0]} : {other}"
+            summary.append(f"{name}: {label} tokens/s per pair {', '.join(f'{r:.2f}' for r in ratios)}; "
                            f"median {statistics.median(ratios):.2f}")
         summary.append(f"{name}: sgemm peak {peak:.0f} GFLOP/s (numpy float32 2048^3, median of "
                        f"{len(peaks)}); {flops / 1e9:.1f} GFLOP per step")

@@ -1,9 +1,10 @@
 """Compute backend: a fast BLAS and fast compiled kernels for MLX on Linux, device choice, banner facts.
 
 The ``mlx[cpu]`` wheel for Linux bundles a reference BLAS that runs float32 matmul at a few
-GFLOP/s. MLX resolves its BLAS symbols when ``mlx.core`` is first imported, so a system OpenBLAS
-opened with ``RTLD_GLOBAL`` *before* that import takes over (~30x faster here). This module must
-therefore not import ``mlx`` at module level; ``mlx_gpt/__init__.py`` calls ``load_blas()`` first.
+GFLOP/s. MLX resolves its BLAS symbols when ``mlx.core`` is first imported, so a library defining
+them opened with ``RTLD_GLOBAL`` *before* that import takes over (~30x faster here): numpy's bundled
+OpenBLAS through a small forwarding library (``cpu/numpy_blas.py``), else a system OpenBLAS. This
+module must therefore not import ``mlx`` at module level; ``mlx_gpt/__init__.py`` calls ``load_blas()`` first.
 
 MLX's CPU backend compiles the elementwise parts of an ``mx.compile``d function to C++ at run time
 (``g++ -O3``, no target flags), and so on x86 every ``exp``, ``erf`` and ``fma`` in those kernels is a scalar
@@ -12,7 +13,8 @@ CPU, which vectorises those kernels (GELU's forward and backward 25x faster here
 results; see ``JIT_FLAGS``.
 
 Environment:
-    MLX_GPT_OPENBLAS=0        do not load a system BLAS
+    MLX_GPT_OPENBLAS=0        MLX's own (reference) BLAS
+    MLX_GPT_OPENBLAS=numpy    numpy's OpenBLAS only; =system: a system OpenBLAS only (default: the first that works)
     MLX_GPT_OPENBLAS=/path    load this library instead of searching
     MLX_GPT_CPU_JIT=0         leave MLX's CPU kernel compiler as it is
     MLX_GPT_CPU_STREAMS=N     split a batch over N CPU streams (default: one per core; 1: off)
@@ -22,7 +24,6 @@ Environment:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import hashlib
 import json
@@ -33,19 +34,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-
-_CANDIDATES = [
-    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
-    "/usr/lib64/libopenblas.so.0",
-    "/usr/lib/libopenblas.so.0",
-]
-
-INSTALL_HINT = (
-    "hint: MLX is using its bundled reference BLAS (slow float32 matmul); "
-    "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread) for ~30x faster training"
-)
 
 # Freed CPU buffers MLX keeps for reuse (its default is 32 MB); see select_device().
 CPU_BUFFER_CACHE_BYTES = 4 << 30
@@ -87,53 +77,26 @@ rm -f "$out.$$.tmp"
 exit $status
 """
 
-# What load_blas() found: a short description for the banner, whether to print the hint, and the library.
+# What load_blas() found: a short description for the banner, whether to print the hint, the library and its
+# thread setter (None where MLX's own BLAS is in use).
 blas_description = "not checked"
 blas_hint: str | None = None
 _openblas: ctypes.CDLL | None = None
+_set_blas_threads: Callable[[int], None] | None = None
 # What tune_cpu_jit() did, for the banner.
 jit_description = "not checked"
 
 
-def _find_openblas() -> str | None:
-    arch = platform.machine()
-    for pattern in _CANDIDATES:
-        path = pattern.format(arch=arch)
-        if Path(path).exists():
-            return path
-    return ctypes.util.find_library("openblas")
-
-
 def load_blas() -> str:
-    """Load a system OpenBLAS ahead of MLX on Linux; returns (and records) what is in use."""
-    global blas_description, blas_hint
-    if sys.platform == "darwin":
-        blas_description = "Accelerate (bundled with MLX on macOS)"
-        return blas_description
-    if not sys.platform.startswith("linux"):
-        blas_description = "MLX default"
-        return blas_description
-    setting = os.environ.get("MLX_GPT_OPENBLAS", "").strip()
-    if setting == "0":
-        blas_description = "MLX bundled reference BLAS (MLX_GPT_OPENBLAS=0)"
-        return blas_description
-    if "mlx.core" in sys.modules:
-        blas_description = "MLX bundled BLAS (mlx was imported before mlx_gpt, too late to load OpenBLAS)"
-        return blas_description
-    path = setting or _find_openblas()
-    if path is None:
-        blas_description = "MLX bundled reference BLAS"
-        blas_hint = INSTALL_HINT
-        return blas_description
-    try:
-        library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    except OSError as exc:
-        blas_description = f"MLX bundled reference BLAS (could not load {path}: {exc})"
-        blas_hint = INSTALL_HINT
-        return blas_description
-    global _openblas
-    _openblas = library
-    blas_description = f"OpenBLAS ({path})"
+    """Choose the BLAS for MLX's matmuls on Linux before ``mlx.core`` is imported (cpu/numpy_blas.py: numpy's
+    OpenBLAS, else a system one); returns (and records) what is in use."""
+    global blas_description, blas_hint, _openblas, _set_blas_threads
+    from .cpu.numpy_blas import choose_blas
+    from .data import cache_dir
+
+    choice = choose_blas(os.environ.get("MLX_GPT_OPENBLAS", ""), cache_dir() / "numpy-blas")
+    blas_description, blas_hint = choice.description, choice.hint
+    _openblas, _set_blas_threads = choice.library, choice.set_num_threads
     return blas_description
 
 
@@ -243,7 +206,7 @@ def split_cores(processes_here: int, batch_size: int) -> tuple[int, str | None]:
     """
     import mlx.core as mx
 
-    if (_openblas is None or os.environ.get("OPENBLAS_NUM_THREADS")
+    if (_set_blas_threads is None or os.environ.get("OPENBLAS_NUM_THREADS")
             or mx.default_device().type != mx.DeviceType.cpu):
         return 1, None  # no OpenBLAS of ours, the user chose its threads, or the work is on a GPU
     cores = max(1, (os.cpu_count() or 1) // processes_here)
@@ -251,10 +214,7 @@ def split_cores(processes_here: int, batch_size: int) -> tuple[int, str | None]:
     most = max(1, int(wanted)) if wanted.isdigit() else cores
     streams = max(n for n in range(1, min(most, batch_size) + 1) if batch_size % n == 0)
     threads = max(1, cores // streams)
-    try:
-        _openblas.openblas_set_num_threads(threads)
-    except AttributeError:  # not an OpenBLAS build with that entry point
-        return 1, None
+    _set_blas_threads(threads)
     if streams == 1 and processes_here == 1:
         return 1, None
     return streams, (f"CPU: {streams} stream{'s' * (streams > 1)} x {threads} BLAS thread{'s' * (threads > 1)}"
