@@ -1,6 +1,6 @@
 """MLX's matmuls through the OpenBLAS that numpy's wheel bundles: fast on Linux with pip alone.
 
-MLX's ``mlx[cpu]`` wheel for Linux carries a reference BLAS (a few GFLOP/s for float32 matmul) and takes
+MLX's ``mlx[cpu]`` wheel for Linux carries a reference BLAS (slow float32 matmul) and takes
 ``cblas_sgemm``, ``cblas_dgemm`` and ``cblas_cgemm`` from whatever library defines them first in the process's
 global symbol scope when ``mlx.core`` is imported. numpy's wheel bundles a fast OpenBLAS
 (``numpy.libs/libscipy_openblas64_-*.so``), but with renamed symbols (``scipy_cblas_sgemm64_``) taking 64-bit
