@@ -4,6 +4,7 @@
     python bench/train_speed.py --configs baby --pairs 5
     python bench/train_speed.py --sides mlx           # MLX only (also what happens without PyTorch)
     python bench/train_speed.py --sides mlx --baseline ../old-checkout   # this revision against another one
+    python bench/train_speed.py --sides mlx --configs baby --blas numpy system   # MLX with each BLAS, interleaved
 
 Each measurement runs in its own process, the two sides interleaved (MLX, PyTorch, MLX, PyTorch ...), so a
 machine whose speed drifts (other work, thermal limits) moves both alike; every pair gives a ratio. The MLX
@@ -145,9 +146,12 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def spawn(kind: str, *extra: str, root: Path = ROOT) -> dict:
-    """Run one measurement in its own process, from this checkout or from ``root`` (another revision's)."""
+    """A child process of ``kind`` (mlx, torch, sgemm; mlx/BLAS: MLX with MLX_GPT_OPENBLAS=BLAS), from this checkout
+    or from ``root`` (another revision's)."""
+    kind, _, blas = kind.partition("/")
+    env = {**os.environ, "MLX_GPT_OPENBLAS": blas} if blas else None
     cmd = [sys.executable, str(root / "bench" / "train_speed.py"), "--child", kind, *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -168,6 +172,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="timed steps per process (default: 100 baby, 3 default)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="text to train on (Tiny Shakespeare)")
     p.add_argument("--baseline", type=Path, help="another checkout of mlx-gpt: its MLX step, interleaved with ours")
+    p.add_argument("--blas", nargs="+", choices=("numpy", "system"),
+                   help="MLX side once per BLAS (MLX_GPT_OPENBLAS=numpy or system), interleaved; default: as set")
     p.add_argument("--child", choices=("mlx", "torch", "sgemm"), help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
@@ -182,6 +188,8 @@ def main() -> None:
         sides.remove("torch")
     if "mlx" not in sides:  # the MLX process writes the shared initial weights
         sides.insert(0, "mlx")
+    if args.blas:
+        sides[sides.index("mlx"):sides.index("mlx") + 1] = [f"mlx/{blas}" for blas in args.blas]
     if args.baseline:
         sides.append("baseline")
     rows = []
@@ -218,7 +226,8 @@ def report(rows: list, data: str) -> None:
     for name, preset, results, peaks in rows:
         model_cfg, train_cfg, _, _ = configs(preset, data)
         tokens = model_cfg.block_size * train_cfg.batch_size
-        flops = flops_per_step(results["mlx"][0]["params"], preset, data)
+        mlx_sides = [side for side in results if side.startswith("mlx")]
+        flops = flops_per_step(results[mlx_sides[0]][0]["params"], preset, data)
         peak = statistics.median(peaks)
         medians = {}
         for side, runs in results.items():
@@ -228,11 +237,12 @@ def report(rows: list, data: str) -> None:
             rss = max(r["peak_rss_mib"] for r in runs)
             print(f"| {name} | {side} | {ms * 1e3:.1f} | {tokens / ms:,.0f} | {100 * flops / ms / 1e9 / peak:.0f} % "
                   f"| {rss:.0f} |")
-        for side, label in (("torch", "MLX/PyTorch"), ("baseline", "this revision/baseline")):
-            if side in medians:
-                ratios = [t / m for m, t in zip(medians["mlx"], medians[side], strict=True)]
-                summary.append(f"{name}: {label} tokens/s per pair {', '.join(f'{r:.2f}' for r in ratios)}; "
-                               f"median {statistics.median(ratios):.2f}")
+        # The first MLX side's tokens/s over each other side's (another BLAS, PyTorch), pair by pair.
+        for other in [side for side in medians if side != mlx_sides[0]]:
+            ratios = [o / m for m, o in zip(medians[mlx_sides[0]], medians[other], strict=True)]
+            label = "MLX/PyTorch" if (mlx_sides[0], other) == ("mlx", "torch") else f"{mlx_sides[0]} : {other}"
+            summary.append(f"{name}: {label} tokens/s per pair {', '.join(f'{r:.2f}' for r in ratios)}; "
+                           f"median {statistics.median(ratios):.2f}")
         summary.append(f"{name}: sgemm peak {peak:.0f} GFLOP/s (numpy float32 2048^3, median of "
                        f"{len(peaks)}); {flops / 1e9:.1f} GFLOP per step")
     print()

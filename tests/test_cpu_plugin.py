@@ -54,6 +54,15 @@ def test_importing_the_library_changes_nothing(tmp_path: Path) -> None:
     assert not cache.exists() and not list(scratch.iterdir()), "a file was written on import"
 
 
+@pytest.mark.skipif(not Path(os.environ.get("MLX_GPT_OPENBLAS", "0")).is_file(),
+                    reason="set MLX_GPT_OPENBLAS to a BLAS library's path to check that it is the one in use")
+def test_a_blas_chosen_by_path_is_the_one_in_use() -> None:
+    path = os.environ["MLX_GPT_OPENBLAS"]
+    assert cpu.describe()[0].startswith(f"CPU plug-in: BLAS: OpenBLAS ({path}); ")
+    maps = Path("/proc/self/maps").read_text()
+    assert str(Path(path).resolve()) in maps or path in maps
+
+
 def test_matmul_is_right_with_the_loaded_blas() -> None:
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(257, 130)).astype(np.float32), rng.normal(size=(130, 67)).astype(np.float32)

@@ -3,7 +3,8 @@
 ``enable()`` switches it on; the scripts call it first, before MLX is imported (the BLAS must be loaded before
 ``mlx.core``), and a library user can too. It
 
-- loads a system OpenBLAS ahead of MLX's bundled reference BLAS (``blas.py``);
+- routes MLX's matmuls to numpy's bundled OpenBLAS, or a system one, instead of MLX's reference BLAS
+  (``blas.py``, ``numpy_blas.py``);
 - has MLX's kernel compiler build for this CPU and widens MLX's evaluation order (``jit.py``: PATH, TMPDIR and
   MLX_BFS_MAX_WIDTH are set for this process and its children until ``disable()``);
 - raises MLX's CPU buffer cache from 32 MB to 4 GB, so a step's activations are reused rather than page-faulted in;
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .blas import Blas, load_blas
+from .blas import BlasChoice, load_blas
 from .jit import EnvChanges, tune_jit, widen_eval_order
 
 CPU_BUFFER_CACHE_BYTES = 4 << 30
@@ -31,7 +32,7 @@ CPU_BUFFER_CACHE_BYTES = 4 << 30
 
 @dataclass
 class _Enabled:
-    blas: Blas
+    blas: BlasChoice
     jit: str
     env: EnvChanges
     previous_ops: dict[str, Callable[..., Any]] = field(default_factory=dict)
@@ -59,7 +60,7 @@ def enable(build_kernels: bool = False, log: Callable[[str], None] | None = prin
         env = EnvChanges()
         jit = tune_jit(env)
         widen_eval_order(env)
-        _enabled = _Enabled(blas, jit, env, previous_blas_threads=blas.num_threads())
+        _enabled = _Enabled(blas, jit, env, previous_blas_threads=blas.get_num_threads and blas.get_num_threads())
         _replace_ops(_enabled)
     from . import kernels, native
 
@@ -115,6 +116,6 @@ def disable() -> None:
     _enabled.env.restore()
     if _enabled.previous_cache_limit is not None:
         mx.set_cache_limit(_enabled.previous_cache_limit)
-    if _enabled.previous_blas_threads is not None:
+    if _enabled.previous_blas_threads is not None and _enabled.blas.set_num_threads is not None:
         _enabled.blas.set_num_threads(_enabled.previous_blas_threads)
     _enabled = None

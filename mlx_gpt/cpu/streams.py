@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .blas import Blas
+from .blas import BlasChoice
 
 
 def processes_on_this_machine(rank: int) -> int:
@@ -29,11 +29,12 @@ def processes_on_this_machine(rank: int) -> int:
         return 1
 
 
-def split_cores(blas: Blas, batch_size: int) -> tuple[int, str | None]:
+def split_cores(blas: BlasChoice, batch_size: int) -> tuple[int, str | None]:
     """Share this process's cores between CPU streams and BLAS threads (setting the threads); returns (streams,
     a banner line or None). ``MLX_GPT_CPU_STREAMS=N`` asks for N streams (1: off); they divide the batch evenly."""
-    if blas.library is None or os.environ.get("OPENBLAS_NUM_THREADS") or mx.default_device().type != mx.DeviceType.cpu:
-        return 1, None  # no OpenBLAS of ours, the user chose its threads, or the work is on a GPU
+    if (blas.set_num_threads is None or os.environ.get("OPENBLAS_NUM_THREADS")
+            or mx.default_device().type != mx.DeviceType.cpu):
+        return 1, None  # no BLAS whose threads we set, the user chose its threads, or the work is on a GPU
     group = mx.distributed.init()
     processes_here = processes_on_this_machine(group.rank()) if group.size() > 1 else 1
     cores = max(1, (os.cpu_count() or 1) // processes_here)
@@ -41,8 +42,7 @@ def split_cores(blas: Blas, batch_size: int) -> tuple[int, str | None]:
     most = max(1, int(wanted)) if wanted.isdigit() else cores
     streams = max(n for n in range(1, min(most, batch_size) + 1) if batch_size % n == 0)
     threads = max(1, cores // streams)
-    if not blas.set_num_threads(threads):
-        return 1, None
+    blas.set_num_threads(threads)
     if streams == 1 and processes_here == 1:
         return 1, None
     return streams, (f"CPU: {streams} stream{'s' * (streams > 1)} x {threads} BLAS thread{'s' * (threads > 1)}"
