@@ -30,6 +30,7 @@ from .config import GPTConfig, TrainConfig, load_preset, split_fields
 from .data import BatchSampler, Dataset
 from .errors import MlxGptError
 from .model import GPT
+from .plot import LivePlot
 from .tokenizer import CharTokenizer
 
 CHECKPOINT_PATTERN = re.compile(r"^gpt-\d{8}-\d{6}-step(\d+)\.npz$")
@@ -280,6 +281,7 @@ class Trainer:
         self.nonfinite_skipped = 0
         self.last_saved_iter: int | None = None
         self.metrics_failed = False
+        self.live_plot = LivePlot(self.out_dir, log=self.say) if train_cfg.plot and self.is_main else None
         if resume is not None:
             self._restore(resume)
         mx.eval(self.model.parameters(), self.optimizer.state)
@@ -490,6 +492,8 @@ class Trainer:
             line += f" (EMA: train {losses['ema_train']:.4f}, val {losses['ema_val']:.4f})"
         self.say(line)
         self.metrics({"iter": self.iter, **{f"{k}_loss": v for k, v in losses.items()}, "time": time.time()})
+        if self.live_plot is not None:  # --plot: redrawn in a background thread; never raises
+            self.live_plot.refresh()
         return losses, is_best
 
     def _check_finite(self, loss: float, norm: float) -> None:
@@ -577,6 +581,8 @@ class Trainer:
                 if self.iter % cfg.checkpoint_interval == 0 or done or is_best:
                     saved = self.save(is_best, signals) or saved
             bar.close()
+            if self.live_plot is not None:  # the last picture is complete when train() returns
+                self.live_plot.close()
             if stop:
                 if self.last_saved_iter != self.iter:
                     saved = self.save(False, signals) or saved
