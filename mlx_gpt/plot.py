@@ -133,9 +133,8 @@ def merge_resumed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         it, kind = record.get("iter"), record_kind(record)
         if kind is None or isinstance(it, bool) or not isinstance(it, int):
             continue  # no place on the curve
-        same = [r for r in kept[bisect.bisect_left(iters, it):] if r["iter"] == it and record_kind(r) == kind]
-        if (iters and iters[-1] > it) or same:
-            cut = bisect.bisect_left(iters, it)
+        cut = bisect.bisect_left(iters, it)  # kept[cut:] are the records at iterations >= it
+        if iters and (iters[-1] > it or any(record_kind(r) == kind for r in kept[cut:])):
             del kept[cut:], iters[cut:]
         kept.append(record)
         iters.append(it)
@@ -154,13 +153,19 @@ def read_run(out_dir: str | Path, name: str | None = None) -> Run:
 # ----------------------------------------------------------------------------- drawing
 
 
-def new_figure(rows: int) -> Any:
-    """A matplotlib Figure on the Agg canvas (no pyplot: no global state, safe off the main thread)."""
+def matplotlib_classes() -> tuple[Any, Any]:
+    """(Figure, FigureCanvasAgg), or the one-line error naming the [plot] extra."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise MlxGptError(INSTALL_HINT) from None
+    return Figure, FigureCanvasAgg
+
+
+def new_figure(rows: int) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global state, safe off the main thread)."""
+    Figure, FigureCanvasAgg = matplotlib_classes()  # noqa: N806 (classes)
     ratios = [3, 1, 3][:rows]
     fig = Figure(figsize=(9, 2.2 * sum(ratios) / 2 + 1.5), layout="constrained")
     FigureCanvasAgg(fig)
@@ -274,6 +279,15 @@ class LivePlot:
         self._lock = threading.Lock()
         self._pending = self._running = False
         self._thread: threading.Thread | None = None
+        try:  # here, before training: loading matplotlib's C extensions in the thread held the GIL (0.2 s measured)
+            matplotlib_classes()
+        except MlxGptError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        self.failed = True
+        reason = str(exc) if isinstance(exc, MlxGptError) else f"{type(exc).__name__}: {exc}"
+        self.log(f"warning: --plot: could not draw {self.output} ({reason}); training goes on without plots")
 
     def refresh(self) -> None:
         """Ask for a redraw; returns at once (one runs at a time; asks made meanwhile become one more redraw)."""
@@ -304,10 +318,7 @@ class LivePlot:
             try:
                 (self.render or plot_runs)([self.out_dir], self.output)  # looked up now: tests replace it
             except Exception as exc:  # a picture is not worth a training run: warn once, draw no more
-                self.failed = True
-                reason = str(exc) if isinstance(exc, MlxGptError) else f"{type(exc).__name__}: {exc}"
-                self.log(f"warning: --plot: could not draw {self.output} ({reason}); training goes on "
-                         "without plots")
+                self._give_up(exc)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -241,3 +241,15 @@ def test_live_plot_redraws_once_more_for_asks_made_while_drawing(tmp_path: Path)
     release.set()
     live.close()
     assert len(drawn) == 2 and drawn[0] == tmp_path / "loss.png" and not live.failed
+
+
+def test_live_plot_without_matplotlib_warns_once_at_the_start(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    warnings: list[str] = []
+    live = LivePlot(tmp_path, log=warnings.append)
+    live.refresh()
+    live.refresh()
+    live.close()
+    assert live.failed and len(warnings) == 1 and 'pip install -e ".[plot]"' in warnings[0]
+    assert "training goes on" in warnings[0] and not (tmp_path / "loss.png").exists()
