@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--label_smoothing", type=cli.unit_interval, help="label smoothing of the training loss")
     t.add_argument("--seed", type=cli.seed)
     t.add_argument("--compile", action=argparse.BooleanOptionalAction)
+    t.add_argument("--plot", action=argparse.BooleanOptionalAction,
+                   help="redraw out_dir/loss.png after each evaluation (pip install -e '.[plot]')")
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
     r.add_argument("--resume", action="store_true", default=False, help="continue from out_dir/latest.npz")

@@ -96,6 +96,7 @@ class TrainConfig:
     skip_nonfinite: int = 0  # non-finite steps that may be skipped before stopping
     ema_decay: float = 0.0  # 0: off; else keep an exponential moving average of the weights
     label_smoothing: float = 0.0  # in the training loss only; eval reports plain cross-entropy
+    plot: bool = False  # redraw out_dir/loss.png after each evaluation (needs the [plot] extra)
 
     def __post_init__(self) -> None:
         _check_types(self)

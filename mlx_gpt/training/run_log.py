@@ -1,5 +1,6 @@
-"""What a run tells its user: the banner, the progress bar (or plain lines without a terminal), the ETA note, and
-``out_dir/metrics.jsonl`` (one strict-JSON record per line: non-finite numbers are written as null)."""
+"""What a run tells its user: the banner, the progress bar (or plain lines without a terminal), the ETA note,
+``out_dir/metrics.jsonl`` (one strict-JSON record per line: non-finite numbers are written as null), and with
+``--plot`` the picture of it, ``out_dir/loss.png``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .. import ops
 from ..config import GPTConfig, TrainConfig
 from ..data import Dataset
 from ..device import describe_device
+from ..plot import LivePlot
 
 # An ETA above this on the CPU earns a note; models no larger than this config's get no "--config baby" hint.
 SLOW_RUN_SECONDS = 15 * 60
@@ -57,6 +59,8 @@ class RunLog:
         self.bar = tqdm(total=cfg.max_iters, initial=start, desc="train", dynamic_ncols=True,
                         disable=None if is_main else True, file=sys.stdout)
         self.metrics_failed = False
+        # --plot: redrawn in a background thread after each evaluation; it never raises
+        self.live_plot = LivePlot(out_dir, log=self.say) if cfg.plot and is_main else None
         self.windows = 0  # log windows seen: the first includes compilation, so the ETA waits for the second
         self.window_start, self.window_steps = time.perf_counter(), 0
 
@@ -113,6 +117,10 @@ class RunLog:
         self.say(line)
         self.metrics({"iter": iteration, "tokens": iteration * self.tokens_per_step,
                       **{f"{k}_loss": v for k, v in losses.items()}, "time": time.time()})
+        if self.live_plot is not None:
+            self.live_plot.refresh()
 
     def close(self) -> None:
         self.bar.close()
+        if self.live_plot is not None:  # the last picture is complete when the run returns
+            self.live_plot.close()
