@@ -1,7 +1,7 @@
-"""The same GPT in PyTorch (nanoGPT's shape), the benchmarks' yardstick: not part of the product.
+"""The same GPT in PyTorch (nanoGPT's shape): the benchmarks' yardstick and the tests' reference, not the product.
 
-Identical architecture to mlx_gpt.model.GPT for an ``mlx_gpt.config.GPTConfig`` with the nanoGPT head (tied,
-no head bias): pre-LayerNorm blocks, fused q/k/v, causal SDPA, the configured activation and biases, dropout
+Identical architecture to mlx_gpt.model.GPT for an ``mlx_gpt.config.GPTConfig`` with the nanoGPT head (tied or
+untied, no head bias): pre-LayerNorm blocks, fused q/k/v, causal SDPA, the configured activation and biases, dropout
 on the residual branches and the embeddings. Parameter names match mlx-gpt's (and nanoGPT's), so the same
 weights load into both (``load_flat``, ``build``). bench/train_speed.py trains it with nanoGPT's AdamW
 (``make_optimizer``); bench/sample_speed.py runs nanoGPT's crop-and-recompute ``generate``.
@@ -63,14 +63,16 @@ class Block(nn.Module):
 class TorchGPT(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        if not cfg.tie_weights or cfg.lm_head_bias:
-            raise ValueError("the PyTorch yardstick has nanoGPT's head only (tied weights, no head bias)")
+        if cfg.lm_head_bias:
+            raise ValueError("the PyTorch reference has nanoGPT's head only (no head bias)")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        if not cfg.tie_weights:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 last_only: bool = True) -> torch.Tensor:
@@ -83,7 +85,7 @@ class TorchGPT(nn.Module):
         x = self.ln_f(x)
         if targets is None and last_only:
             x = x[:, [-1], :]
-        logits = x @ self.wte.weight.T  # tied LM head
+        logits = x @ self.wte.weight.T if self.config.tie_weights else self.lm_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
@@ -99,6 +101,16 @@ class TorchGPT(nn.Module):
                 logits[logits < kth] = -float("inf")
             idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)), dim=1)
         return idx
+
+    def nanogpt_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state_dict nanoGPT's own model would have: ``transformer.`` names, ``lm_head.weight`` even when tied,
+        and the causal-mask buffer (``attn.bias``) of nanoGPT's non-flash attention."""
+        state = {f"transformer.{k}": v for k, v in self.state_dict().items() if not k.startswith("lm_head.")}
+        state["lm_head.weight"] = self.wte.weight if self.config.tie_weights else self.lm_head.weight
+        T = self.config.block_size
+        for i in range(self.config.n_layer):
+            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(T, T)).view(1, 1, T, T)
+        return state
 
     def load_flat(self, weights: dict[str, np.ndarray]) -> None:
         """Load mlx-gpt's flat parameter names ("h.0.attn.c_attn.weight"); mlx and torch Linear are both [out, in]."""

@@ -8,11 +8,17 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from mlx_gpt.config import GPTConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from torch_gpt import TorchGPT  # noqa: E402  (the one PyTorch GPT, shared with the benchmarks)
 
 # ---------------------------------------------------------------------------------------------------------------
 # The seed's miniGPT and "Let's build GPT" gpt.py: per-head attention modules, nn.Sequential blocks.
@@ -108,90 +114,27 @@ def save_minigpt(model: HeadsGPT, ema: HeadsGPT, chars: list[str], path: Path, i
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# nanoGPT: fused c_attn, transformer.* ModuleDict, LayerNorm with optional bias, head tied by default.
+# nanoGPT: the project's one PyTorch GPT (bench/torch_gpt.py), saved with nanoGPT's names and model_args.
 
 
-class LayerNorm(nn.Module):
-    def __init__(self, ndim: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+class NanoGPT(TorchGPT):
+    """nanoGPT's model: the reference GPT, called with nanoGPT's arguments and giving every position's logits."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, block_size: int, bias: bool) -> None:
-        super().__init__()
-        self.n_head = n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
-        # nanoGPT's non-flash path keeps its mask as a buffer named "bias" (it lands in the state_dict).
-        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        att = F.softmax(att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf")), dim=-1)
-        return self.c_proj((att @ v).transpose(1, 2).contiguous().view(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, n_embd: int, bias: bool) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
-
-
-class NanoBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, block_size: int, bias: bool) -> None:
-        super().__init__()
-        self.ln_1 = LayerNorm(n_embd, bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, block_size, bias)
-        self.ln_2 = LayerNorm(n_embd, bias)
-        self.mlp = MLP(n_embd, bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class NanoGPT(nn.Module):
     def __init__(self, vocab_size: int, n_embd: int, n_head: int, n_layer: int, block_size: int, *,
                  bias: bool, tied: bool = True) -> None:
-        super().__init__()
+        super().__init__(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                                   n_embd=n_embd, dropout=0.0, bias=bias, activation="gelu", tie_weights=tied))
         self.block_size = block_size
         self.model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                                vocab_size=vocab_size, dropout=0.0)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            drop=nn.Dropout(0.0),
-            h=nn.ModuleList([NanoBlock(n_embd, n_head, block_size, bias) for _ in range(n_layer)]),
-            ln_f=LayerNorm(n_embd, bias),
-        ))
-        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-        if tied:
-            self.transformer.wte.weight = self.lm_head.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.shape[1]
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T)))
-        for block in self.transformer.h:
-            x = block(x)
-        return self.lm_head(self.transformer.ln_f(x))
+        return super().forward(idx, last_only=False)
 
 
 def save_nanogpt(model: NanoGPT, path: Path, prefix: str = "", dataset: str = "shakespeare_char") -> None:
     """nanoGPT's train.py checkpoint dict (prefix: "_orig_mod." after torch.compile, "module." under DDP)."""
-    torch.save({"model": {prefix + k: v for k, v in model.state_dict().items()},
+    torch.save({"model": {prefix + k: v for k, v in model.nanogpt_state_dict().items()},
                 "optimizer": adamw_state(model), "model_args": model.model_args, "iter_num": 250,
                 "best_val_loss": torch.tensor(1.47),
                 "config": {"dataset": dataset, "n_layer": model.model_args["n_layer"], "compile": True}}, path)
