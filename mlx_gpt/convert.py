@@ -551,6 +551,16 @@ def convert(obj: Any, layout: str = "auto", *, vocab: Vocabulary | None = None, 
     return convert_heads_layout(obj, layout, vocab, weights)
 
 
+def check_output(out_path: Path, force: bool) -> None:
+    """Refuse an output checkpoint path that is a folder, exists (unless ``force``) or lies in no folder."""
+    if out_path.is_dir():
+        raise MlxGptError(f"the output {out_path} is a folder; give a file name such as {out_path / 'model.npz'}")
+    if out_path.exists() and not force:
+        raise MlxGptError(f"{out_path} already exists; pass --force to overwrite it")
+    if not out_path.parent.is_dir():
+        raise MlxGptError(f"the output folder {out_path.parent} does not exist; create it first")
+
+
 def convert_file(in_path: str | Path, out_path: str | Path, *, layout: str = "auto", meta: str | Path | None = None,
                  vocab_from: str | Path | None = None, weights: str = "ema", force: bool = False) -> Converted:
     """Convert the PyTorch checkpoint ``in_path`` and write it (atomically) as the mlx-gpt checkpoint ``out_path``."""
@@ -561,12 +571,7 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, layout: str = "au
         raise MlxGptError("pass either --meta or --vocab_from, not both")
     if out_path.exists() and out_path.resolve() == in_path.resolve():
         raise MlxGptError(f"the output {out_path} is the input checkpoint; write to another file")
-    if out_path.is_dir():
-        raise MlxGptError(f"the output {out_path} is a folder; give a file name such as {out_path / 'model.npz'}")
-    if out_path.exists() and not force:
-        raise MlxGptError(f"{out_path} already exists; pass --force to overwrite it")
-    if not out_path.parent.is_dir():
-        raise MlxGptError(f"the output folder {out_path.parent} does not exist; create it first")
+    check_output(out_path, force)
     vocab = read_meta_pkl(Path(meta)) if meta is not None else None
     if vocab_from is not None:
         vocab = vocab_from_text(Path(vocab_from))

@@ -488,13 +488,10 @@ def read_hf_dir(folder: str | Path) -> Checkpoint:
 
 def import_dir(folder: str | Path, out_path: str | Path, force: bool = False) -> Checkpoint:
     """Convert the Hugging Face GPT-2 folder ``folder`` and write it (atomically) as the checkpoint ``out_path``."""
+    from .convert import check_output
+
     out_path = Path(out_path)
-    if out_path.is_dir():
-        raise MlxGptError(f"the output {out_path} is a folder; give a file name such as {out_path / 'model.npz'}")
-    if out_path.exists() and not force:
-        raise MlxGptError(f"{out_path} already exists; pass --force to overwrite it")
-    if not out_path.parent.is_dir():
-        raise MlxGptError(f"the output folder {out_path.parent} does not exist; create it first")
+    check_output(out_path, force)
     ckpt = read_hf_dir(folder)
     ckpt.save(out_path)
     return ckpt
