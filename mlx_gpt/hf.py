@@ -438,9 +438,10 @@ def read_hf_weights(folder: Path) -> tuple[dict[str, np.ndarray], str]:
         weight_map = _read_json(folder / SHARD_INDEX_FILE, "a weight map").get("weight_map") or {}
         return _load_safetensors([folder / f for f in sorted(set(weight_map.values()))]), SHARD_INDEX_FILE
     if (folder / TORCH_WEIGHTS_FILE).is_file():
-        from .convert import load_torch_file, to_numpy_state  # needs PyTorch; weights-only loading
+        from .convert import load_torch_file, tensor_state, to_numpy_state  # needs PyTorch; weights-only loading
 
-        return to_numpy_state(load_torch_file(folder / TORCH_WEIGHTS_FILE), TORCH_WEIGHTS_FILE), TORCH_WEIGHTS_FILE
+        tensors = tensor_state(load_torch_file(folder / TORCH_WEIGHTS_FILE), TORCH_WEIGHTS_FILE)
+        return to_numpy_state(tensors), TORCH_WEIGHTS_FILE
     raise MlxGptError(f"{folder} has no {WEIGHTS_FILE} (or {TORCH_WEIGHTS_FILE}); a Hugging Face GPT-2 folder "
                       "needs its weights")
 

@@ -63,7 +63,7 @@ def new_lineage(parent: Checkpoint | None) -> list[list[Any]]:
     return [*ancestors, [f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}", None]]
 
 
-def _saved_by(path: Path) -> str | None:
+def writer_of(path: Path) -> str | None:
     """The run that wrote the checkpoint ``path`` (the last entry of its lineage), or None when unknown."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -164,7 +164,7 @@ class CheckpointFolder:
 
     def _ours(self, step: int, path: Path) -> bool:
         if path not in self._writer:
-            self._writer[path] = _saved_by(path)
+            self._writer[path] = writer_of(path)
         run = self._writer[path]
         if run not in self._cut or path.resolve() in self.protected:
             return False
