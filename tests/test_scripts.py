@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, TINY_FLAGS, run_script
 
 from mlx_gpt.checkpoint import Checkpoint
@@ -79,3 +80,12 @@ def test_bad_flags_are_argparse_errors() -> None:
         proc = run_script("train.py", *args, "--device", "cpu")
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith(("error:", "usage:", "train.py: error:"))
+
+
+def test_every_package_and_kernel_source_is_in_the_distribution() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {str(init.parent.relative_to(ROOT)).replace("/", ".") for init in (ROOT / "mlx_gpt").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == found
+    assert setuptools["package-data"]["mlx_gpt.cpu"] == ["csrc/*.cpp", "csrc/*.h"]
+    assert {p.suffix for p in (ROOT / "mlx_gpt" / "cpu" / "csrc").iterdir()} == {".cpp", ".h"}
