@@ -230,6 +230,20 @@ def read_container(path: str | Path, kind: ContainerKind, check: HeaderCheck) ->
                               "or load it on a larger machine") from None
 
 
+def read_header(path: str | Path, kind: ContainerKind) -> dict[str, Any]:
+    """The parsed JSON header of a container file alone (bounded as ``read_container`` bounds it), without reading
+    its arrays; any problem is one MlxGptError naming the file."""
+    path = Path(path)
+    with open_regular_file(path, kind.what, kind.fix) as f:
+        try:
+            with zipfile.ZipFile(f) as archive:
+                return _read_meta(archive, kind)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            raise MlxGptError(f"{kind.what} {path}: not an .npz file ({_reason(exc)})") from None
+        except (_Refused, KeyError) as exc:
+            raise MlxGptError(f"{kind.what} {path}: {exc}") from None
+
+
 def _read_open_container(f: IO[bytes], kind: ContainerKind, check: HeaderCheck) -> tuple[T, dict[str, np.ndarray]]:
     file_bytes = os.fstat(f.fileno()).st_size
     try:

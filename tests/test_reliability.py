@@ -222,7 +222,7 @@ def test_disk_full_stops_with_message_and_keeps_previous_checkpoint(tmp_path, sm
     message = str(info.value)
     assert "\n" not in message
     assert "at iter 10" in message and "No space left on device" in message and "free some disk space" in message
-    assert f"{out / 'latest.npz'} still holds iter 5" in message
+    assert f"{out / 'latest.npz'} holds iter 5" in message
     assert disk.failures == 1
     kept = Checkpoint.load(out / "latest.npz")
     assert kept.iter == 5

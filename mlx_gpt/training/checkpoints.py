@@ -12,26 +12,20 @@ Rules (README, "Checkpoints"):
 from __future__ import annotations
 
 import errno
-import io
-import json
 import os
 import re
 import secrets
 import time
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..checkpoint import Checkpoint
+from ..checkpoint import KIND, Checkpoint, read_header
 from ..errors import MlxGptError
 from ..files import replace_with_copy
 
 # gpt-<time>-step<N>.npz; a run that would take a name another run wrote in the same second adds its id
 CHECKPOINT_PATTERN = re.compile(r"^gpt-\d{8}-\d{6}(?:-[0-9a-f]+)?-step(\d+)\.npz$")
-META_LIMIT = 1 << 20  # a header larger than this is not one of ours: its lineage is unknown
 
 
 def timestamped_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -66,13 +60,8 @@ def new_lineage(parent: Checkpoint | None) -> list[list[Any]]:
 def writer_of(path: Path) -> str | None:
     """The run that wrote the checkpoint ``path`` (the last entry of its lineage), or None when unknown."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo("meta.npy")
-            if info.file_size > META_LIMIT:
-                return None
-            meta = json.loads(np.lib.format.read_array(io.BytesIO(archive.read(info))).tobytes())
-        return str(meta["lineage"][-1][0])
-    except (OSError, KeyError, IndexError, TypeError, ValueError, zipfile.BadZipFile):
+        return str(read_header(path, KIND)["lineage"][-1][0])
+    except (MlxGptError, KeyError, IndexError, TypeError):
         return None
 
 
@@ -189,9 +178,13 @@ class CheckpointFolder:
             hint = f"{where} is in the way (a folder?): move it aside"
         else:
             hint = "check the folder's permissions"
-        held = (f"{self.latest} still holds iter {last_saved}" if last_saved is not None and self.latest.is_file()
-                else f"{self.latest} holds no checkpoint of this run")
-        return f"could not write checkpoint {where} at iter {iteration}: {reason}; {hint}; {held}"
+        return f"could not write checkpoint {where} at iter {iteration}: {reason}; {hint}; {self.holds(last_saved)}"
+
+    def holds(self, last_saved: int | None) -> str:
+        """What latest.npz holds for this run, whose last successful save was at ``last_saved``."""
+        if last_saved is None or not self.latest.is_file():
+            return f"{self.latest} holds no checkpoint of this run"
+        return f"{self.latest} holds iter {last_saved}"
 
     def where(self, best_val_loss: float | None, log: Callable[[str], None]) -> None:
         """Say where the run's checkpoints are."""

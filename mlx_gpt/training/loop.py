@@ -175,10 +175,7 @@ class Trainer:
                 f"{self.cfg.skip_nonfinite})")
 
     def _last_save(self) -> str:
-        latest = Path(self.cfg.out_dir) / "latest.npz"
-        if self.last_saved_iter is None or not latest.is_file():
-            return "no checkpoint of this run was saved"
-        return f"{latest} holds iter {self.last_saved_iter}"
+        return self.folder.holds(self.last_saved_iter)
 
     # -- files ------------------------------------------------------------------------------------------------
 
