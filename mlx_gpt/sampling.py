@@ -188,6 +188,10 @@ class History:
         end = self.length if end is None else end
         return self.buffer[:, start - self.first: end - self.first]
 
+    def recent(self) -> mx.array:
+        """The last ``keep`` tokens of each sequence (all of them while there are fewer)."""
+        return self.tokens(max(self.first, self.length - self.keep))
+
     def append(self, token: mx.array) -> None:
         if self.length - self.first == self.buffer.shape[1]:
             self.buffer[:, : self.keep] = self.buffer[:, -self.keep:]
@@ -228,8 +232,9 @@ def generate_step(model: GPT, prompt_ids: Sequence[int] | np.ndarray | mx.array,
         return model(window, mask="causal" if window.shape[1] > 1 else None, cache=cache)[:, -1, :]
 
     def draw(logits: mx.array) -> mx.array:
+        recent = history.recent() if processors else None
         for processor in processors:
-            logits = processor(history.tokens(max(history.first, history.length - history.keep)), logits)
+            logits = processor(recent, logits)
         token = sampler(logits).astype(mx.int32)
         history.append(token)
         return token
