@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from mlx_gpt import cli, cpu
-from mlx_gpt.config import TrainConfig
+from mlx_gpt.config import ACTIVATIONS, POSITION_ENCODINGS, TrainConfig
 from mlx_gpt.errors import MlxGptError
 
 
@@ -22,7 +22,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--block_size", type=cli.positive_int)
     m.add_argument("--dropout", type=cli.unit_interval)
     m.add_argument("--bias", action=argparse.BooleanOptionalAction, help="biases in Linear and LayerNorm layers")
-    m.add_argument("--activation", choices=("gelu", "gelu_tanh", "relu"))
+    m.add_argument("--activation", choices=ACTIVATIONS, help="relu2: relu squared")
+    m.add_argument("--tie_weights", action=argparse.BooleanOptionalAction,
+                   help="the LM head shares the token embedding (--no-tie_weights: an untied head)")
+    m.add_argument("--position_encoding", choices=POSITION_ENCODINGS, help="learned (nanoGPT's) or rope (rotary)")
+    m.add_argument("--rope_base", type=cli.positive_float)
+    m.add_argument("--qk_norm", action=argparse.BooleanOptionalAction, help="RMS-normalise queries and keys")
+    m.add_argument("--zero_init_proj", action=argparse.BooleanOptionalAction,
+                   help="the projections into the residual stream start at zero")
+    m.add_argument("--logit_softcap", type=cli.nonnegative_float, help="cap * tanh(logits / cap); 0: off")
+    m.add_argument("--value_residual", action=argparse.BooleanOptionalAction,
+                   help="mix each layer's attention values with the first layer's")
+    m.add_argument("--embed_shortcut", action=argparse.BooleanOptionalAction,
+                   help="mix each block's input with the embeddings")
     t = p.add_argument_group("training")
     t.add_argument("--batch_size", type=cli.positive_int)
     t.add_argument("--gradient_accumulation_steps", type=cli.positive_int)

@@ -17,7 +17,14 @@ drop its oldest entry and go on: every cached key was computed at a position tha
     those tokens are prefilled in one pass at positions ``0 .. block_size // 2 - 1``, and
     decoding continues one token per step.
 
-So a sequence of any length can be generated, each new token is predicted from at least
+With rotary positions (``position_encoding="rope"``) attention depends only on how far apart two tokens are, so
+the window slides by one token instead: ``make_cache`` gives such a model sliding caches, which once full write
+each new token over the oldest (a ring of ``block_size`` entries; the rotation is already applied to the cached
+keys) and decoding never re-prefills. Keys cached long ago were computed while older tokens were still in the
+window, so past ``block_size`` this is not the same as recomputing the window from scratch (as in mlx-lm's
+``RotatingKVCache``); within it, it is.
+
+With learned positions, a sequence of any length can be generated, each new token is predicted from at least
 ``block_size // 2`` tokens of context (once there are that many), and a re-prefill of
 ``block_size // 2`` tokens happens every ``block_size - block_size // 2 + 1`` new tokens (every
 129 at block 256). ``window_start`` states the rule on its own, so that a sampler without a cache can follow the same
@@ -36,11 +43,14 @@ class KVCache:
 
     step = 256
 
-    def __init__(self, max_size: int | None = None, step: int | None = None) -> None:
+    def __init__(self, max_size: int | None = None, step: int | None = None, sliding: bool = False) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
-        self.offset = 0
+        self.offset = 0  # positions seen; a sliding cache keeps the last max_size of them
         self.max_size = max_size
+        self.sliding = sliding
+        if sliding and max_size is None:
+            raise ValueError("a sliding cache needs a max_size")
         if step is not None:
             self.step = step
 
@@ -65,6 +75,8 @@ class KVCache:
         """Store ``keys``/``values`` [B, H, T, D] at ``offset``; return all keys/values so far."""
         prev = self.offset
         T = keys.shape[2]
+        if self.sliding and prev + T > self.max_size:
+            return self._slide(keys, values)
         if (self.keys is None or prev + T > self.keys.shape[2]
                 or self.keys.shape[0] != keys.shape[0] or self.keys.dtype != keys.dtype):
             if self.keys is not None and (self.keys.shape[0] != keys.shape[0] or self.keys.dtype != keys.dtype):
@@ -77,15 +89,26 @@ class KVCache:
         self.values[..., prev:self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def _slide(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write one token over the oldest of a full ring; return the whole ring (its order does not matter to a
+        single query that sees every key)."""
+        if keys.shape[2] != 1 or self.offset < self.max_size:
+            raise ValueError("a sliding cache takes one token at a time once it holds max_size of them")
+        slot = self.offset % self.max_size
+        self.keys[..., slot:slot + 1, :] = keys
+        self.values[..., slot:slot + 1, :] = values
+        self.offset += 1
+        return self.keys, self.values
+
     def reset(self) -> None:
         """Forget the sequence (the buffers are kept and overwritten)."""
         self.offset = 0
 
 
 def make_cache(model: Any, step: int | None = None) -> list[KVCache]:
-    """One KVCache per layer of ``model`` (a ``GPT``), capped at its block_size."""
-    block = model.config.block_size
-    return [KVCache(max_size=block, step=step) for _ in range(len(model.h))]
+    """One KVCache per layer of ``model`` (a ``GPT``), capped at its block_size; sliding with rotary positions."""
+    block, sliding = model.config.block_size, model.config.position_encoding == "rope"
+    return [KVCache(max_size=block, step=step, sliding=sliding) for _ in range(len(model.h))]
 
 
 def reset_cache(cache: list[KVCache]) -> None:

@@ -383,9 +383,11 @@ def group(members: dict[str, Member], prefix: str) -> dict[str, Member]:
 
 def param_bounds(config: GPTConfig) -> tuple[int, int]:
     """(fewest, most) parameters a model of this shape can have, whatever its biases and head (no model is built)."""
-    V, T, L, C = config.vocab_size, config.block_size, config.n_layer, config.n_embd
+    V, L, C = config.vocab_size, config.n_layer, config.n_embd
+    T = config.block_size if config.position_encoding == "learned" else 0  # rotary positions have no weights
     fewest = (V + T) * C + L * 12 * C * C  # embeddings and the layers' matrices
-    return fewest, fewest + V * C + V + 2 * C + L * 13 * C  # an untied head with bias, norms, biases
+    # an untied head with bias, norms, biases, and the shortcuts' mixing weights (3 per layer)
+    return fewest, fewest + V * C + V + 2 * C + L * (13 * C + 3)
 
 
 def check_param_count(members: dict[str, Member], what: str, bounds: tuple[int, int]) -> None:
@@ -528,7 +530,9 @@ def _check_gpt_header(meta: dict[str, Any], members: dict[str, Member]) -> dict[
 
 def _config_mismatch(config: GPTConfig, shapes: dict[str, tuple[int, ...]]) -> str | None:
     """What in ``config`` disagrees with the sizes the weights declare (embeddings, layer count), if anything."""
-    expected = {"wte.weight": (config.vocab_size, config.n_embd), "wpe.weight": (config.block_size, config.n_embd)}
+    expected = {"wte.weight": (config.vocab_size, config.n_embd)}
+    if config.position_encoding == "learned":
+        expected["wpe.weight"] = (config.block_size, config.n_embd)
     mismatch = shape_mismatch(shapes, expected) or layer_mismatch(shapes, "h.", config.n_layer)
     return mismatch and mismatch.replace("n_layer is", "config.n_layer is")
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from .errors import MlxGptError
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2")
+POSITION_ENCODINGS = ("learned", "rope")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -40,9 +41,17 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     bias: bool = False  # biases in Linear and LayerNorm layers
-    activation: str = "gelu"  # gelu (exact erf), gelu_tanh, relu
+    activation: str = "gelu"  # gelu (exact erf), gelu_tanh, relu, relu2 (relu squared)
     lm_head_bias: bool = False
     tie_weights: bool = True  # LM head shares the token embedding
+    # The recipe's architecture settings (docs/recipe.md); off, they leave nanoGPT's model.
+    position_encoding: str = "learned"  # learned (nanoGPT's wpe) or rope (rotary, on queries and keys)
+    rope_base: float = 10000.0
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    zero_init_proj: bool = False  # the projections into the residual stream (c_proj) start at zero
+    logit_softcap: float = 0.0  # 0: off; else logits = cap * tanh(logits / cap)
+    value_residual: bool = False  # each layer's values mixed with the first layer's (learned weight per layer)
+    embed_shortcut: bool = False  # each block's input mixed with the embeddings (two learned weights per block)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -58,6 +67,18 @@ class GPTConfig:
             self.activation in ACTIVATIONS,
             f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}",
         )
+        _require(
+            self.position_encoding in POSITION_ENCODINGS,
+            f"position_encoding must be one of {', '.join(POSITION_ENCODINGS)}, got {self.position_encoding!r}",
+        )
+        if self.position_encoding == "rope":
+            head_dim = self.n_embd // self.n_head
+            _require(head_dim % 2 == 0, f"rotary positions need an even head size, got n_embd/n_head = {head_dim}; "
+                                        "pick n_head so that n_embd / n_head is even")
+        _require(math.isfinite(self.rope_base) and self.rope_base > 1,
+                 f"rope_base must be a finite number > 1, got {self.rope_base}")
+        _require(math.isfinite(self.logit_softcap) and self.logit_softcap >= 0,
+                 f"logit_softcap must be a finite number >= 0 (0: off), got {self.logit_softcap}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

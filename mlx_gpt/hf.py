@@ -95,6 +95,10 @@ class Exported:
     warnings: list[str] = field(default_factory=list)
 
 
+# The recipe's settings that change what the model computes (docs/recipe.md; zero_init_proj only changes the init)
+RECIPE_SETTINGS = ("position_encoding", "qk_norm", "logit_softcap", "value_residual", "embed_shortcut")
+
+
 def unsupported_settings(config: GPTConfig) -> list[str]:
     """The settings of ``config`` that a GPT-2 folder cannot carry, each with the reason."""
     problems = []
@@ -105,6 +109,12 @@ def unsupported_settings(config: GPTConfig) -> list[str]:
         problems.append("lm_head_bias=True (GPT-2's LM head has no bias)")
     if config.activation not in HF_ACTIVATIONS:
         problems.append(f"activation={config.activation} (mlx-lm's GPT-2 always uses the tanh GELU)")
+    defaults = GPTConfig()
+    for name in RECIPE_SETTINGS:
+        value = getattr(config, name)
+        if value != getattr(defaults, name):
+            problems.append(f"{name}={value} (GPT-2 has learned positions, plain attention and no logit cap or "
+                            "shortcuts; it loads into mlx-gpt, not back out)")
     return problems
 
 

@@ -1,7 +1,8 @@
 """The GPT model: a decoder-only transformer with learned absolute positions (nanoGPT's shape).
 
 Parameter names follow nanoGPT (``wte``, ``wpe``, ``h.N.attn.c_attn`` ...) so that checkpoints
-map over one to one.
+map over one to one. The recipe's settings (``GPTConfig``: rotary positions, QK-norm, relu², zero-initialised
+projections, a logit soft-cap, value and embedding shortcuts; see docs/recipe.md) change it where they are read.
 """
 
 from __future__ import annotations
@@ -17,23 +18,36 @@ from . import ops
 from .config import GPTConfig
 from .ops import Mask
 
+
+def relu_squared(x: mx.array) -> mx.array:
+    return mx.square(nn.relu(x))
+
+
 ACTIVATION_FUNCTIONS = {
     "gelu": nn.gelu,  # exact, erf-based (PyTorch nn.GELU())
     "gelu_tanh": nn.gelu_approx,  # tanh approximation (PyTorch nn.GELU(approximate="tanh"))
     "relu": nn.relu,
+    "relu2": relu_squared,  # the GPT-2 speedrun's (modded-nanogpt)
 }
 
+# Learned mixing weights, which init_weights leaves at their constructor's values
+MIXING_WEIGHTS = ("value_lambda", "x0_lambdas")
 
-def init_weights(module: nn.Module, residual_branches: int) -> None:
+
+def init_weights(module: nn.Module, residual_branches: int, zero_init_proj: bool = False) -> None:
     """nanoGPT's init: N(0, 0.02) weights, zero biases, unit LayerNorm gains, and the projections that write
-    into the residual stream (``c_proj``) scaled by 1/sqrt(residual_branches) so its variance stays put."""
+    into the residual stream (``c_proj``) scaled by 1/sqrt(residual_branches) so its variance stays put (or zero,
+    with ``zero_init_proj``: each block starts as the identity)."""
     residual_std = 0.02 / math.sqrt(residual_branches)
 
     def init(path: str, p: mx.array) -> mx.array:
+        if path.rsplit(".", 1)[-1] in MIXING_WEIGHTS:
+            return p
         if ".ln_" in f".{path}" or path.endswith("bias"):
             return mx.ones_like(p) if path.endswith("weight") else mx.zeros_like(p)
-        std = residual_std if path.endswith("c_proj.weight") else 0.02
-        return mx.random.normal(p.shape, scale=std, dtype=p.dtype)
+        if path.endswith("c_proj.weight"):
+            return mx.zeros_like(p) if zero_init_proj else mx.random.normal(p.shape, scale=residual_std, dtype=p.dtype)
+        return mx.random.normal(p.shape, scale=0.02, dtype=p.dtype)
 
     module.update(tree_map_with_path(init, module.parameters()))
 
@@ -48,28 +62,52 @@ class LayerNorm(nn.LayerNorm):
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
-    Causal by default; an encoder calls it with a padding mask only (bidirectional).
+    Causal by default; an encoder calls it with a padding mask only (bidirectional). Returns the output and this
+    layer's values [B, T, n_head, head_dim] for the new tokens (the first layer's feed ``value_residual``).
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, mixes_first_values: bool = False) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.config = config
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if mixes_first_values:
+            self.value_lambda = mx.array([0.5])  # how much of the first layer's values to take
         # The fused attention kernel has no dropout on attention weights; dropout applies to the
         # residual branch, as it does in most modern GPT code.
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None,
+                 first_values: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        B, T, C = x.shape
         qkv = self.c_attn(x)
+        q, k, v = (t.reshape(B, T, self.n_head, -1) for t in mx.split(qkv, 3, axis=-1))
+        cfg = self.config
+        if cfg.qk_norm:
+            q, k = mx.fast.rms_norm(q, None, 1e-6), mx.fast.rms_norm(k, None, 1e-6)
+        if cfg.position_encoding == "rope":
+            offset = cache.offset if cache is not None else 0
+            q, k = rotate(q, offset, cfg.rope_base), rotate(k, offset, cfg.rope_base)
+        if "value_lambda" in self:
+            v = (1 - self.value_lambda) * v + self.value_lambda * first_values
         if cache is None and isinstance(mask, str) and mask == "causal":
+            if cfg.qk_norm or cfg.position_encoding == "rope" or "value_lambda" in self:
+                qkv = mx.concatenate([t.reshape(B, T, C) for t in (q, k, v)], axis=-1)
             y = ops.causal_self_attention(qkv, self.n_head)
         else:
-            q, k, v = ops.split_heads(qkv, self.n_head)
+            q, k, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
             if cache is not None:
-                k, v = cache.update_and_fetch(k, v)
-            y = ops.merge_heads(ops.attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask))
-        return self.resid_dropout(self.c_proj(y))
+                k, vh = cache.update_and_fetch(k, vh)
+            y = ops.merge_heads(ops.attention(q, k, vh, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask))
+        return self.resid_dropout(self.c_proj(y)), v
+
+
+def rotate(x: mx.array, offset: int, base: float) -> mx.array:
+    """Rotary positions (``mx.fast.rope``, non-traditional: nn.RoPE's default) for heads laid out [B, T, H, D],
+    the first token at position ``offset``."""
+    return mx.fast.rope(x.swapaxes(1, 2), x.shape[-1], traditional=False, base=base, scale=1.0,
+                        offset=offset).swapaxes(1, 2)
 
 
 class CrossAttention(nn.Module):
@@ -122,10 +160,12 @@ class Block(nn.Module):
     sub-layer sits between the two: x + cross_attn(ln_cross(x), encoder keys/values).
     """
 
-    def __init__(self, config: GPTConfig, cross_attention: bool = False) -> None:
+    def __init__(self, config: GPTConfig, cross_attention: bool = False, first: bool = False) -> None:
         super().__init__()
+        if config.embed_shortcut:
+            self.x0_lambdas = mx.array([1.0, 0.0])  # input = a * x + b * embeddings; starts as x
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, mixes_first_values=config.value_residual and not first)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         if cross_attention:
@@ -133,13 +173,19 @@ class Block(nn.Module):
             self.cross_attn = CrossAttention(config)
 
     def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any = None,
-                 encoder_kv: tuple[mx.array, mx.array] | None = None, encoder_mask: Mask = None) -> mx.array:
-        """``encoder_kv``: the encoder's keys/values from ``cross_attn.key_values`` (computed once per
-        source); ``encoder_mask``: which of them each query may see (e.g. not the source's PAD positions)."""
-        x = x + self.attn(self.ln_1(x), mask=mask, cache=cache)
+                 encoder_kv: tuple[mx.array, mx.array] | None = None, encoder_mask: Mask = None,
+                 x0: mx.array | None = None, first_values: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """The block's output and its attention's values (see ``CausalSelfAttention``). ``encoder_kv``: the
+        encoder's keys/values from ``cross_attn.key_values`` (computed once per source); ``encoder_mask``: which of
+        them each query may see (e.g. not the source's PAD positions); ``x0``: the embeddings (``embed_shortcut``);
+        ``first_values``: the first layer's values (``value_residual``)."""
+        if "x0_lambdas" in self:
+            x = self.x0_lambdas[0] * x + self.x0_lambdas[1] * x0
+        y, values = self.attn(self.ln_1(x), mask=mask, cache=cache, first_values=first_values)
+        x = x + y
         if encoder_kv is not None:
             x = x + self.cross_attn(self.ln_cross(x), encoder_kv, mask=encoder_mask)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x)), values
 
 
 class Transformer(nn.Module):
@@ -149,19 +195,24 @@ class Transformer(nn.Module):
     def __init__(self, config: GPTConfig, cross_attention: bool = False) -> None:
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.position_encoding == "learned":  # rotary positions live in the attention instead
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.h = [Block(config, cross_attention) for _ in range(config.n_layer)]
+        self.h = [Block(config, cross_attention, first=i == 0) for i in range(config.n_layer)]
         self.ln_f = LayerNorm(config.n_embd, bias=config.bias)
 
     def hidden_states(self, idx: mx.array, positions: mx.array, mask: Mask, caches: list[Any] | None = None,
                       encoder_kv: list[tuple[mx.array, mx.array]] | None = None,
                       encoder_mask: Mask = None) -> mx.array:
         """The final LayerNorm's output [B, T, C] for token ids ``idx`` [B, T] at ``positions``."""
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx) + self.wpe(positions) if "wpe" in self else self.wte(idx)
+        x = x0 = self.drop(x)
+        first_values = None
         for i, block in enumerate(self.h):
-            x = block(x, mask=mask, cache=None if caches is None else caches[i],
-                      encoder_kv=None if encoder_kv is None else encoder_kv[i], encoder_mask=encoder_mask)
+            x, values = block(x, mask=mask, cache=None if caches is None else caches[i],
+                              encoder_kv=None if encoder_kv is None else encoder_kv[i], encoder_mask=encoder_mask,
+                              x0=x0, first_values=first_values)
+            first_values = values if i == 0 else first_values
         return self.ln_f(x)
 
 
@@ -175,25 +226,28 @@ class GPT(Transformer):
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.lm_head_bias:
             self.lm_head_bias = mx.zeros((config.vocab_size,))
-        init_weights(self, residual_branches=2 * config.n_layer)  # attention + MLP per block
+        # attention + MLP per block
+        init_weights(self, residual_branches=2 * config.n_layer, zero_init_proj=config.zero_init_proj)
 
     def __call__(self, idx: mx.array, mask: Mask = "causal", cache: list[Any] | None = None) -> mx.array:
         """Logits [B, T, vocab] for token ids ``idx`` [B, T].
 
         ``cache`` (one per layer, see ``cache.py``) continues a sequence: positions start at the
-        cache's offset.
+        cache's offset. With rotary positions a sliding cache (``make_cache``) may go past block_size.
         """
         T = idx.shape[1]
         offset = cache[0].offset if cache is not None else 0
-        if offset + T > self.config.block_size:
+        if T > self.config.block_size or (offset + T > self.config.block_size and "wpe" in self):
             raise ValueError(f"sequence of {offset + T} tokens is longer than block_size {self.config.block_size}")
         x = self.hidden_states(idx, mx.arange(offset, offset + T), mask, cache)
         logits = self.wte.as_linear(x) if self.config.tie_weights else self.lm_head(x)
         if self.config.lm_head_bias:
             logits = logits + self.lm_head_bias
+        if self.config.logit_softcap > 0:  # tanh soft-cap (the GPT-2 speedrun's): logits stay within +-cap
+            logits = self.config.logit_softcap * mx.tanh(logits / self.config.logit_softcap)
         return logits
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; like nanoGPT, position embeddings are left out by default."""
         n = sum(p.size for _, p in tree_flatten(self.parameters()))
-        return n - self.wpe.weight.size if non_embedding else n
+        return n - self.wpe.weight.size if non_embedding and "wpe" in self else n

@@ -223,6 +223,7 @@ def generate_step(model: GPT, prompt_ids: Sequence[int] | np.ndarray | mx.array,
         raise MlxGptError(f"prompt token ids must be in [0, {model.config.vocab_size}), got {low}..{high}")
     history = History(ids, int(num_samples), max(block, int(history_size)))
     cache = make_cache(model)
+    sliding = cache[0].sliding  # rotary positions: the window slides one token at a time (see cache.py)
     start = initial_window_start(ids.size, block)
 
     def prefill(start: int) -> mx.array:
@@ -245,7 +246,7 @@ def generate_step(model: GPT, prompt_ids: Sequence[int] | np.ndarray | mx.array,
     token = draw(logits)
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:  # queue the next step before handing this token over
-            new_start = window_start(start, history.length, block)
+            new_start = start if sliding else window_start(start, history.length, block)
             if new_start == start:
                 next_logits = model(token[:, None], mask=None, cache=cache)[:, -1, :]
             else:

@@ -215,7 +215,12 @@ def test_failed_export_leaves_the_old_one(tmp_path, tiny_checkpoint, monkeypatch
 
 @pytest.mark.parametrize("setting, named", [({"tie_weights": False}, "tie_weights=False"),
                                              ({"lm_head_bias": True}, "lm_head_bias=True"),
-                                             ({"activation": "relu"}, "activation=relu")])
+                                             ({"activation": "relu"}, "activation=relu"),
+                                             ({"position_encoding": "rope"}, "position_encoding=rope"),
+                                             ({"qk_norm": True}, "qk_norm=True"),
+                                             ({"logit_softcap": 30.0}, "logit_softcap=30.0"),
+                                             ({"value_residual": True}, "value_residual=True"),
+                                             ({"embed_shortcut": True}, "embed_shortcut=True")])
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, setting, named):
     from mlx.utils import tree_flatten
 
