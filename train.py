@@ -48,6 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--beta1", type=cli.unit_interval)
     t.add_argument("--beta2", type=cli.unit_interval)
     t.add_argument("--grad_clip", type=cli.nonnegative_float, help="0 disables clipping")
+    t.add_argument("--lr_schedule", choices=("cosine", "wsd"),
+                   help="cosine (nanoGPT) or wsd: warm-up, stable, linear decay over the last wsd_decay_fraction")
+    t.add_argument("--wsd_decay_fraction", type=cli.positive_float, help="wsd: fraction of lr_decay_iters decaying")
+    t.add_argument("--optimizer", choices=("adamw", "muon"),
+                   help="muon: Muon for the blocks' 2-D weights, AdamW for the rest")
+    t.add_argument("--muon_learning_rate", type=cli.positive_float, help="Muon's peak learning rate")
+    t.add_argument("--muon_momentum", type=cli.unit_interval)
+    t.add_argument("--momentum_warmup_iters", type=cli.nonnegative_int,
+                   help="Muon's momentum rises from 0.85 to muon_momentum over these iterations")
     t.add_argument("--eval_interval", type=cli.positive_int)
     t.add_argument("--eval_iters", type=cli.positive_int)
     t.add_argument("--log_interval", type=cli.positive_int)

@@ -452,7 +452,8 @@ KIND = ContainerKind(
     missing="train one first (python train.py) or pass --ckpt PATH",
     fix="use another checkpoint (e.g. a timestamped one) with --ckpt",
     groups=("model", "optimizer", "ema"),
-    integer_members=frozenset({"optimizer/step"}),
+    # the step counters of AdamW, and of each part of Muon with AdamW (training/muon.py)
+    integer_members=frozenset({"optimizer/step", "optimizer/muon.step", "optimizer/adamw.step"}),
 )
 TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig))
 
@@ -523,7 +524,7 @@ def _check_gpt_header(meta: dict[str, Any], members: dict[str, Member]) -> dict[
     check_param_count(model, "model weights", bounds)
     if group(members, "ema"):
         check_param_count(group(members, "ema"), "EMA weights", bounds)
-    # AdamW: two moments per parameter, plus scalars (step, learning rate)
+    # AdamW: two moments per parameter (Muon: one), plus scalars (steps, learning rates, momentum)
     check_param_count(group(members, "optimizer"), "optimizer state", (0, 2 * bounds[1] + MAX_INTEGER_ELEMENTS))
     return header
 

@@ -12,6 +12,8 @@ from .errors import MlxGptError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2")
 POSITION_ENCODINGS = ("learned", "rope")
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -118,25 +120,40 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off; else keep an exponential moving average of the weights
     label_smoothing: float = 0.0  # in the training loss only; eval reports plain cross-entropy
     plot: bool = False  # redraw out_dir/loss.png after each evaluation (needs the [plot] extra)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' 2-D weights, AdamW for the rest)
+    muon_learning_rate: float = 0.02  # Muon's peak rate; it follows the same schedule shape as learning_rate
+    muon_momentum: float = 0.95
+    momentum_warmup_iters: int = 0  # Muon's momentum rises linearly from 0.85 to muon_momentum over these
+    lr_schedule: str = "cosine"  # cosine (nanoGPT) | wsd (warm-up, stable, linear decay)
+    wsd_decay_fraction: float = 0.2  # wsd: the decay takes this last fraction of lr_decay_iters
 
     def __post_init__(self) -> None:
         _check_types(self)
         for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
                      "eval_iters", "log_interval"):
             _require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_iters", "lr_decay_iters", "save_interval", "keep_last", "skip_nonfinite"):
+        for name in ("warmup_iters", "lr_decay_iters", "save_interval", "keep_last", "skip_nonfinite",
+                     "momentum_warmup_iters"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
         _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
-        for name in ("beta1", "beta2"):
+        _require(math.isfinite(self.muon_learning_rate) and self.muon_learning_rate > 0,
+                 f"muon_learning_rate must be a finite number > 0, got {self.muon_learning_rate}")
+        for name in ("beta1", "beta2", "muon_momentum"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("ema_decay", "label_smoothing"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(0 <= self.seed < 2**64, f"seed must be in [0, 2**64) (what MLX and numpy accept), got {self.seed}")
         _require(self.on_save_error in ("stop", "warn"),
                  f"on_save_error must be 'stop' or 'warn', got {self.on_save_error!r}")
+        _require(self.optimizer in OPTIMIZERS,
+                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _require(self.lr_schedule in LR_SCHEDULES,
+                 f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _require(0.0 < self.wsd_decay_fraction <= 1.0,
+                 f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
 
     @property
     def checkpoint_interval(self) -> int:

@@ -22,7 +22,7 @@ from ..errors import MlxGptError
 from ..model import GPT
 from ..tokenizer import CharTokenizer
 from .checkpoints import CheckpointFolder, new_lineage
-from .optim import AdamW, lr_schedule
+from .optim import make_optimizer
 from .run_log import RunLog
 from .signals import StopSignals
 from .step import TrainStep
@@ -64,7 +64,7 @@ class Trainer:
         self.log = log if self.is_main else (lambda _: None)
         mx.random.seed(train_cfg.seed)  # model init
         self.model = GPT(model_cfg)
-        self.optimizer = AdamW(lr_schedule(train_cfg), (train_cfg.beta1, train_cfg.beta2), train_cfg.weight_decay)
+        self.optimizer = make_optimizer(train_cfg)
         self.optimizer.init(self.model.trainable_parameters())
         # The EMA copy: one entry per parameter (a tied embedding/head is one parameter, averaged once).
         self.ema: dict | None = tree_map(mx.array, self.model.parameters()) if train_cfg.ema_decay > 0 else None

@@ -1,5 +1,5 @@
-"""The optimizer as nanoGPT sets it up: AdamW with PyTorch's semantics, its learning-rate schedule, gradient
-clipping, and the EMA's decay."""
+"""The optimizer as nanoGPT sets it up: AdamW with PyTorch's semantics, its learning-rate schedule (or WSD), gradient
+clipping, and the EMA's decay; ``make_optimizer`` builds AdamW or Muon with AdamW (``muon``) from the settings."""
 
 from __future__ import annotations
 
@@ -20,17 +20,13 @@ def on_stream(stream: mx.Stream | None) -> contextlib.AbstractContextManager:
     return mx.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
-class AdamW(optim.AdamW):
-    """AdamW as PyTorch (and nanoGPT) use it: bias correction on, weight decay only on tensors with ndim >= 2.
+class PerParameterStreams:
+    """Mixin for an optimizer: ``parameter_streams`` (a tree like the parameters, see ``step.spread_over_streams``)
+    runs each parameter's update on the stream given for it, so that a step's update is shared between the CPU
+    streams too. ``apply_single`` runs its ops ``with self.on_its_stream(parameter)``."""
 
-    ``parameter_streams`` (a tree like the parameters, see ``step.spread_over_streams``) runs each parameter's
-    update on the stream given for it, so that a step's update is shared between the CPU streams too.
-    """
-
-    def __init__(self, learning_rate: Any, betas: tuple[float, float], weight_decay: float) -> None:
-        super().__init__(learning_rate, betas=list(betas), weight_decay=weight_decay, bias_correction=True)
-        self.parameter_streams: dict | None = None
-        self._stream_of: dict[int, mx.Stream | None] = {}
+    parameter_streams: dict | None
+    _stream_of: dict[int, mx.Stream | None]
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         # Looked up by the parameter array itself: independent of the order in which MLX visits the tree.
@@ -41,25 +37,63 @@ class AdamW(optim.AdamW):
         finally:
             self._stream_of = {}
 
+    def on_its_stream(self, parameter: mx.array) -> contextlib.AbstractContextManager:
+        return on_stream(self._stream_of.get(id(parameter)))
+
+
+class AdamW(PerParameterStreams, optim.AdamW):
+    """AdamW as PyTorch (and nanoGPT) use it: bias correction on, weight decay only on tensors with ndim >= 2;
+    each parameter's update on its stream (``PerParameterStreams``)."""
+
+    def __init__(self, learning_rate: Any, betas: tuple[float, float], weight_decay: float) -> None:
+        super().__init__(learning_rate, betas=list(betas), weight_decay=weight_decay, bias_correction=True)
+        self.parameter_streams: dict | None = None
+        self._stream_of = {}
+
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        with on_stream(self._stream_of.get(id(parameter))):
+        with self.on_its_stream(parameter):
             if parameter.ndim < 2:  # biases and LayerNorm gains are not decayed
                 return optim.Adam.apply_single(self, gradient, parameter, state)
             return super().apply_single(gradient, parameter, state)
 
 
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """The run's optimizer: AdamW (nanoGPT's), or with ``optimizer="muon"`` Muon for the blocks' 2-D weights and
+    AdamW for the rest, Muon's rate following the same schedule scaled to ``muon_learning_rate``."""
+    schedule = lr_schedule(cfg)
+    adamw = AdamW(schedule, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return adamw
+    from .muon import Muon, MuonWithAdamW, momentum_schedule  # here: muon imports this module
+
+    scale = cfg.muon_learning_rate / cfg.learning_rate
+    muon = Muon(lambda step: schedule(step) * scale, momentum_schedule(cfg), cfg.weight_decay)
+    return MuonWithAdamW(muon, adamw)
+
+
 def lr_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
-    """nanoGPT's get_lr as MLX ops (so it lives inside the compiled step): linear warmup, cosine to min_lr."""
+    """The learning rate at an optimizer step, as MLX ops (so it lives inside the compiled step): nanoGPT's get_lr
+    (linear warmup, cosine to min_lr), or with ``lr_schedule="wsd"`` the same warmup, then ``learning_rate`` until
+    the last ``wsd_decay_fraction`` of ``lr_decay_iters``, then linear to min_lr."""
     if not cfg.decay_lr:
         return lambda step: mx.array(cfg.learning_rate, dtype=mx.float32)
     warmup, decay_end = cfg.warmup_iters, max(cfg.lr_decay_iters, cfg.warmup_iters + 1)
+    decay_start = max(warmup, decay_end * (1.0 - cfg.wsd_decay_fraction))  # < decay_end: the fraction is > 0
+
+    def cosine(it: mx.array) -> mx.array:
+        progress = mx.clip((it - warmup) / (decay_end - warmup), 0.0, 1.0)
+        return cfg.min_lr + 0.5 * (1.0 + mx.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+    def wsd(it: mx.array) -> mx.array:
+        progress = mx.clip((it - decay_start) / (decay_end - decay_start), 0.0, 1.0)
+        return cfg.learning_rate - progress * (cfg.learning_rate - cfg.min_lr)
+
+    after_warmup = wsd if cfg.lr_schedule == "wsd" else cosine
 
     def lr(step: mx.array) -> mx.array:
         it = step.astype(mx.float32)
         warm = cfg.learning_rate * (it + 1) / (warmup + 1)
-        progress = mx.clip((it - warmup) / (decay_end - warmup), 0.0, 1.0)
-        cosine = cfg.min_lr + 0.5 * (1.0 + mx.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-        return mx.where(it < warmup, warm, cosine)
+        return mx.where(it < warmup, warm, after_warmup(it))
 
     return lr
 

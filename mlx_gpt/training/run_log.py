@@ -38,9 +38,27 @@ def banner(model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str
         f"batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes} = {sequences} "
         f"sequences ({sequences * model_cfg.block_size:,} tokens) per step; "
         f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
+        optimizer_line(cfg),
         *ops.describe(),
     ]
     return "\n".join(lines)
+
+
+def optimizer_line(cfg: TrainConfig) -> str:
+    """Which optimizer(s) update which weights, at what peak learning rates, on which schedule."""
+    adamw = f"AdamW lr {cfg.learning_rate:g} (betas {cfg.beta1:g}, {cfg.beta2:g}; weight decay {cfg.weight_decay:g})"
+    if cfg.optimizer == "muon":
+        warmup = f", from 0.85 over {cfg.momentum_warmup_iters} iters" if cfg.momentum_warmup_iters else ""
+        adamw = (f"Muon lr {cfg.muon_learning_rate:g} (momentum {cfg.muon_momentum:g}{warmup}; weight decay "
+                 f"{cfg.weight_decay:g}) for the blocks' matrices, {adamw} for the rest")
+    if not cfg.decay_lr:
+        schedule = "constant"
+    elif cfg.lr_schedule == "wsd":
+        schedule = f"wsd (warm-up {cfg.warmup_iters}, decay over the last {cfg.wsd_decay_fraction:g} of " \
+                   f"{cfg.lr_decay_iters} to min_lr {cfg.min_lr:g})"
+    else:
+        schedule = f"cosine (warm-up {cfg.warmup_iters}, to min_lr {cfg.min_lr:g} at {cfg.lr_decay_iters})"
+    return f"optimizer: {adamw}; schedule: {schedule}"
 
 
 def strict(value: Any) -> Any:

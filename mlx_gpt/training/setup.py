@@ -30,7 +30,7 @@ def run_configs(preset: str | None, flags: dict[str, Any], resume: Checkpoint | 
     """The run's settings, later sources winning: the preset (``shakespeare`` unless resuming), the
     checkpoint's training settings and model shape (on resume), then the flags given on the command line.
 
-    On resume the model's shape is the checkpoint's: a flag that would change it is an error.
+    On resume the model's shape and optimizer are the checkpoint's: a flag that would change them is an error.
     """
     values = {} if resume is not None and preset is None else load_preset(preset or "shakespeare")
     if resume is not None:
@@ -42,4 +42,11 @@ def run_configs(preset: str | None, flags: dict[str, Any], resume: Checkpoint | 
         values = {**(resume.train or {}), **values, **shape}
         values.pop("out_dir", None)  # the folder resumed from, not the one recorded in the file
     model_values, train_values = split_fields({**values, **flags})
-    return GPTConfig.from_dict(model_values), TrainConfig.from_dict(train_values)
+    model_cfg, train_cfg = GPTConfig.from_dict(model_values), TrainConfig.from_dict(train_values)
+    if resume is not None:  # the checkpoint's optimizer state fits only the optimizer that wrote it
+        saved = (resume.train or {}).get("optimizer", TrainConfig.optimizer)
+        if train_cfg.optimizer != saved:
+            raise MlxGptError(f"--resume: {resume.path} holds the state of --optimizer {saved}, which "
+                              f"--optimizer {train_cfg.optimizer} cannot continue; resume with --optimizer {saved}, "
+                              "or start a new run")
+    return model_cfg, train_cfg

@@ -1,4 +1,5 @@
-"""The training step: forward, backward, gradient averaging, clipping, AdamW and the EMA, compiled; and the eval loss.
+"""The training step: forward, backward, gradient averaging, clipping, the optimizer and the EMA, compiled; and the
+eval loss.
 
 A batch may be split into equal slices: micro-batches (gradient accumulation) and, where ``ops.step_streams`` gives
 several streams (the CPU plug-in: one per core), a share of each micro-batch per stream. Each slice's gradients are
@@ -13,12 +14,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import TrainConfig
 from ..model import GPT
-from .optim import AdamW, clip_grad_norm, ema_decay_at, on_stream
+from .optim import clip_grad_norm, ema_decay_at, on_stream
 
 
 def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
@@ -51,7 +53,7 @@ class TrainStep:
     """``step(x, y, iteration)`` -> (loss, gradient norm before clipping), updating the model, the optimizer and
     the EMA in place; ``eval_loss(x, y)`` -> the mean loss (dropout as the model's mode says)."""
 
-    def __init__(self, model: GPT, optimizer: AdamW, ema: dict | None, cfg: TrainConfig, world_size: int,
+    def __init__(self, model: GPT, optimizer: optim.Optimizer, ema: dict | None, cfg: TrainConfig, world_size: int,
                  streams: list[mx.Stream] | None) -> None:
         self.model, self.optimizer, self.ema, self.cfg = model, optimizer, ema, cfg
         self.world_size, self.streams = world_size, streams
