@@ -62,10 +62,13 @@ def test_muon_scales_tall_updates_by_the_root_of_their_aspect_ratio() -> None:
     assert np.abs(moved["wide"]).max() > 1e-3
 
 
-@pytest.mark.parametrize("bias, tie_weights", [(False, True), (True, False)])
-def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(bias: bool, tie_weights: bool) -> None:
-    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=bias,
-                          tie_weights=tie_weights))
+RECIPE_MODEL = dict(position_encoding="rope", qk_norm=True, value_residual=True, embed_shortcut=True,
+                    activation="relu2", zero_init_proj=True, tie_weights=False)
+
+
+@pytest.mark.parametrize("shape", [{}, {"bias": True, "tie_weights": False}, RECIPE_MODEL])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(shape: dict) -> None:
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, **shape))
     optimizer = make_optimizer(TrainConfig(optimizer="muon"))
     assert isinstance(optimizer, MuonWithAdamW)
     optimizer.init(model.trainable_parameters())
@@ -73,9 +76,11 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(bias: bool, tie_weigh
     assert parts["muon"] == {f"h.{i}.{m}.weight" for i in range(2)
                              for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert parts["adamw"] == set(flat(model.trainable_parameters())) - parts["muon"]
-    assert {"wte.weight", "wpe.weight", "h.0.ln_1.weight", "ln_f.weight"} <= parts["adamw"]
-    assert ("lm_head.weight" in parts["adamw"]) == (not tie_weights)
-    assert ("h.1.mlp.c_fc.bias" in parts["adamw"]) == bias
+    assert {"wte.weight", "h.0.ln_1.weight", "ln_f.weight"} <= parts["adamw"]
+    assert ("wpe.weight" in parts["adamw"]) == (shape.get("position_encoding", "learned") == "learned")
+    assert ("lm_head.weight" in parts["adamw"]) == (not shape.get("tie_weights", True))
+    assert ("h.1.mlp.c_fc.bias" in parts["adamw"]) == shape.get("bias", False)
+    assert ("h.1.x0_lambdas" in parts["adamw"]) == shape.get("embed_shortcut", False)  # a block's scalar gains
     # the state: one momentum buffer per Muon matrix, AdamW's two moments for the rest
     state = flat(optimizer.state)
     assert {k.rsplit(".", 1)[0] for k in state if k.startswith("muon.h.")} == {f"muon.{n}" for n in parts["muon"]}
