@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Muon's momentum rises from 0.85 to muon_momentum over these iterations")
     t.add_argument("--eval_interval", type=cli.positive_int)
     t.add_argument("--eval_iters", type=cli.positive_int)
+    t.add_argument("--eval_whole_val", action=argparse.BooleanOptionalAction,
+                   help="evaluate val on the whole val split (every target once) instead of eval_iters batches")
     t.add_argument("--log_interval", type=cli.positive_int)
     t.add_argument("--save_interval", type=cli.nonnegative_int, help="0: every eval_interval")
     t.add_argument("--keep_last", type=cli.nonnegative_int, help="timestamped checkpoints to keep (0: all)")
@@ -73,7 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
     r.add_argument("--resume", action="store_true", default=False, help="continue from out_dir/latest.npz")
-    r.add_argument("--ckpt", default=None, help="with --resume: the checkpoint to continue from")
+    r.add_argument("--ckpt", default=None,
+                   help="with --resume: the checkpoint to continue from; with --eval_only: the one to evaluate")
+    r.add_argument("--eval_only", action="store_true", default=False,
+                   help="print the losses of out_dir/latest.npz (or --ckpt) and exit, writing nothing")
     r.add_argument("--force", action="store_true", default=False,
                    help="start a new run in an out_dir that holds checkpoints (they are kept)")
     r.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
@@ -82,18 +87,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    run_flags = {"config", "device", "resume", "ckpt", "force", "debug"}
+    run_flags = {"config", "device", "resume", "ckpt", "force", "debug", "eval_only"}
     flags = {k: v for k, v in vars(args).items() if k not in run_flags}
-    if args.ckpt and not args.resume:
-        raise MlxGptError("--ckpt is for --resume; to sample from a checkpoint use sample.py --ckpt")
+    if args.ckpt and not (args.resume or args.eval_only):
+        raise MlxGptError("--ckpt is for --resume or --eval_only; to sample from a checkpoint use sample.py --ckpt")
     if args.force and args.resume:
         raise MlxGptError("--force starts a new run; --resume continues one: pass one of them")
+    if args.eval_only and (args.resume or args.force):
+        raise MlxGptError("--eval_only trains nothing: drop --resume and --force")
     cpu.enable(build_kernels=True)  # before MLX is imported: it may load a BLAS for MLX
     from mlx_gpt.device import select_device
-    from mlx_gpt.training import resolve_resume, run_configs, train
+    from mlx_gpt.training import evaluate_checkpoint, resolve_resume, run_configs, train
 
     device = select_device(args.device)
-    resume = resolve_resume(Path(flags.get("out_dir", TrainConfig.out_dir)), args.ckpt) if args.resume else None
+    out_dir = Path(flags.get("out_dir", TrainConfig.out_dir))
+    if args.eval_only:
+        evaluate_checkpoint(out_dir, args.ckpt, getattr(args, "config", None), flags, device)
+        return 0
+    resume = resolve_resume(out_dir, args.ckpt) if args.resume else None
     model_cfg, train_cfg = run_configs(getattr(args, "config", None), flags, resume)
     train(model_cfg, train_cfg, resume=resume, device=device, force=args.force)
     return 0

@@ -498,9 +498,12 @@ def _header_fields(meta: dict[str, Any]) -> dict[str, Any]:
     best = meta.get("best_val_loss")
     if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(best)):
         raise MlxGptError(f"'best_val_loss' must be a finite number or null, got {best!r}")
+    seconds = meta.get("train_seconds", 0.0)  # absent before it was recorded
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < math.inf:
+        raise MlxGptError(f"'train_seconds' must be a finite number >= 0, got {seconds!r}")
     return {"config": config, "tokenizer": tokenizer, "train": train, "iter": iteration, "best_val_loss": best,
             "data_rng": _optional_dict(meta, "data_rng"), "data": _optional_dict(meta, "data"),
-            "lineage": _lineage(meta)}
+            "lineage": _lineage(meta), "train_seconds": float(seconds)}
 
 
 def _check_gpt_header(meta: dict[str, Any], members: dict[str, Member]) -> dict[str, Any]:
@@ -553,6 +556,7 @@ class Checkpoint:
     data_rng: dict[str, Any] | None = None
     data: dict[str, Any] | None = None  # fingerprint of the training text: {"sha256", "chars", "source"}
     lineage: list[list[Any]] = field(default_factory=list)  # [[run id, last step taken from it or None], ...]
+    train_seconds: float = 0.0  # wall time spent training up to this step (evaluation and saving left out)
     path: Path | None = None
 
     def to_bytes(self) -> bytes:
@@ -560,7 +564,7 @@ class Checkpoint:
                   **_prefixed("ema", self.ema)}
         meta = {"config": self.config.to_dict(), "train": self.train, "vocab": self.tokenizer.chars,
                 "iter": self.iter, "best_val_loss": self.best_val_loss, "data_rng": self.data_rng,
-                "data": self.data, "lineage": self.lineage}
+                "data": self.data, "lineage": self.lineage, "train_seconds": self.train_seconds}
         return container_bytes(FORMAT, VERSION, meta, arrays)
 
     def save(self, path: str | Path) -> Path:

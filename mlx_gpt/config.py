@@ -110,6 +110,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     eval_iters: int = 200
+    eval_whole_val: bool = False  # val loss on the whole val split (every target once), not eval_iters batches
     log_interval: int = 10
     save_interval: int = 0  # 0: same as eval_interval
     seed: int = 1337

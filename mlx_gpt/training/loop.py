@@ -22,8 +22,9 @@ from ..errors import MlxGptError
 from ..model import GPT
 from ..tokenizer import CharTokenizer
 from .checkpoints import CheckpointFolder, new_lineage
+from .evaluate import whole_split_batch_size, whole_split_loss
 from .optim import make_optimizer
-from .run_log import RunLog
+from .run_log import RunLog, TrainClock
 from .signals import StopSignals
 from .step import TrainStep
 
@@ -73,6 +74,7 @@ class Trainer:
                                     self.rank, self.world_size)
         self.iter, self.best_val_loss, self.nonfinite_skipped = 0, None, 0
         self.last_saved_iter: int | None = None
+        self.clock = TrainClock()  # training time, without evaluations and saves
         self.resumed_from = resume.path if resume is not None else None
         self.folder = CheckpointFolder(Path(train_cfg.out_dir), train_cfg.keep_last, new_lineage(resume),
                                        self.resumed_from)
@@ -85,23 +87,30 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------------
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        expected = {k: v.shape for k, v in tree_flatten(self.model.parameters())}
-        check_arrays(ckpt.path, "weights", expected, ckpt.model)
-        self.model.load_weights([(k, mx.array(v)) for k, v in ckpt.model.items()])
+        self.load_weights(ckpt)
         expected_opt = {k: v.shape for k, v in tree_flatten(self.optimizer.state)}
         check_arrays(ckpt.path, "optimizer state", expected_opt, ckpt.optimizer)
         self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in ckpt.optimizer.items()])
         self.optimizer.init(self.model.trainable_parameters())
+        if ckpt.data_rng is not None:
+            self.sampler.set_state(ckpt.data_rng)
+        self.best_val_loss = ckpt.best_val_loss
+        self.last_saved_iter = ckpt.iter
+        self.clock = TrainClock(ckpt.train_seconds)
+
+    def load_weights(self, ckpt: Checkpoint) -> None:
+        """The checkpoint's weights, EMA weights (where the run keeps an EMA) and step, without the optimizer state:
+        what evaluating a checkpoint needs (imported ones have no optimizer state)."""
+        expected = {k: v.shape for k, v in tree_flatten(self.model.parameters())}
+        check_arrays(ckpt.path, "weights", expected, ckpt.model)
+        self.model.load_weights([(k, mx.array(v)) for k, v in ckpt.model.items()])
         if self.ema is not None:
             if ckpt.ema:
                 check_arrays(ckpt.path, "EMA weights", expected, ckpt.ema)
                 self.ema.update(tree_unflatten([(k, mx.array(v)) for k, v in ckpt.ema.items()]))
             else:  # EMA switched on for a run that had none: start it from the current weights
                 self.ema.update(tree_map(mx.array, self.model.parameters()))
-        if ckpt.data_rng is not None:
-            self.sampler.set_state(ckpt.data_rng)
-        self.iter, self.best_val_loss = ckpt.iter, ckpt.best_val_loss
-        self.last_saved_iter = ckpt.iter
+        self.iter = ckpt.iter
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -111,6 +120,7 @@ class Trainer:
             ema={k: np.array(v) for k, v in tree_flatten(self.ema)} if self.ema is not None else {},
             train=self.cfg.to_dict(), iter=self.iter, best_val_loss=self.best_val_loss,
             data_rng=self.sampler.state(), data=self.dataset.fingerprint, lineage=self.folder.lineage,
+            train_seconds=self.clock.seconds(),
         )
 
     # -- one step, one evaluation -----------------------------------------------------------------------------
@@ -123,36 +133,47 @@ class Trainer:
         self.iter += 1
         return loss.item(), norm.item()
 
-    def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over ``eval_iters`` batches of each split (dropout off), for the raw and the EMA weights.
+    def estimate_loss(self, measure: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+        """The losses ``measure`` gives (default: each split's, as ``eval_whole_val`` says) with dropout off, for
+        the raw and the EMA weights (keys prefixed ``ema_``).
 
         The eval batches depend only on (seed, iteration), not on the training sampler, so evaluating never changes
         what training sees.
         """
+        measure = measure or self._split_losses
         self.model.eval()
         try:
             out: dict[str, float] = {}
             if self.ema is not None:
                 with weights_swapped(self.model, self.ema):
-                    out.update({f"ema_{k}": v for k, v in self._split_losses().items()})
-            out.update(self._split_losses())
+                    out.update({f"ema_{k}": v for k, v in measure().items()})
+            out.update(measure())
             return out
         finally:
             self.model.train()
 
     def _split_losses(self) -> dict[str, float]:
-        out = {}
-        for index, (split, tokens) in enumerate((("train", self.dataset.train), ("val", self.dataset.val))):
-            sampler = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
-                                   [self.cfg.seed, self.iter, index], self.rank, self.world_size)
-            # one batch at a time: a lazy graph of all of them would hold them all
-            out[split] = sum(self.step.eval_loss(*sampler.next_batch()) for _ in range(self.cfg.eval_iters))
-            out[split] /= self.cfg.eval_iters
-        return out
+        val = self.whole_val_loss() if self.cfg.eval_whole_val else self.sampled_loss("val")
+        return {"train": self.sampled_loss("train"), "val": val}
+
+    def sampled_loss(self, split: str) -> float:
+        """The mean loss over ``eval_iters`` random batches of ``split`` (train or val), drawn from (seed, iter)."""
+        index, tokens = {"train": (0, self.dataset.train), "val": (1, self.dataset.val)}[split]
+        sampler = BatchSampler(tokens, self.model_cfg.block_size, self.cfg.batch_size,
+                               [self.cfg.seed, self.iter, index], self.rank, self.world_size)
+        # one batch at a time: a lazy graph of all of them would hold them all
+        return sum(self.step.eval_loss(*sampler.next_batch()) for _ in range(self.cfg.eval_iters)) / self.cfg.eval_iters
+
+    def whole_val_loss(self) -> float:
+        """The mean loss over every target of the val split (``evaluate.whole_split_loss``), shared by the ranks."""
+        batch = whole_split_batch_size(self.cfg.batch_size, self.model_cfg.block_size)
+        return whole_split_loss(self.dataset.val, self.model_cfg.block_size, batch,
+                                self.step.eval_loss_sum, self.rank, self.world_size)
 
     def _evaluate(self, log: RunLog) -> tuple[dict[str, float], bool]:
-        losses = self.estimate_loss()
-        log.evaluation(self.iter, losses)
+        with self.clock.paused():
+            losses = self.estimate_loss()
+        log.evaluation(self.iter, losses, self.clock.seconds())
         if not math.isfinite(losses["val"]):
             raise MlxGptError(f"val loss is {losses['val']} at iter {self.iter}: the weights have diverged and were "
                               f"not saved; {self._last_save()}; lower --learning_rate")
@@ -238,19 +259,22 @@ class Trainer:
         loss, stop = None, False
         if self.iter == 0:
             losses, _ = self._evaluate(log)
+        self.clock.start()
         while self.iter < cfg.max_iters:
             if self._stop_requested(signals):  # checked here so that a signal during a save is seen too
                 stop = True
                 break
             loss, norm = self.train_step()
             self._check_finite(loss, norm, log)
-            log.step(self.iter, loss, norm, lambda: self.optimizer.learning_rate.item())
+            log.step(self.iter, loss, norm, lambda: self.optimizer.learning_rate.item(), self.clock.seconds())
             done = self.iter == cfg.max_iters
             is_best = False
             if self.iter % cfg.eval_interval == 0 or done:
                 losses, is_best = self._evaluate(log)
             if self.iter % cfg.checkpoint_interval == 0 or done or is_best:
-                saved = self.save(is_best, signals) or saved
+                with self.clock.paused():
+                    saved = self.save(is_best, signals) or saved
+        self.clock.stop()
         log.close()
         if stop and self.last_saved_iter != self.iter:
             saved = self.save(False, signals) or saved

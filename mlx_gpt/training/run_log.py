@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,33 @@ def strict(value: Any) -> Any:
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+class TrainClock:
+    """Wall seconds spent training, carried over from the checkpoint a run resumes; ``paused`` leaves time out
+    (evaluation, saving), so that metrics can say how long training took to reach a loss."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.total, self._since = seconds, None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        self.total, self._since = self.seconds(), None
+
+    def seconds(self) -> float:
+        return self.total + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        running = self._since is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
+
+
 class RunLog:
     """Rank 0's voice: log lines above the progress bar, the bar itself, and metrics.jsonl."""
 
@@ -100,7 +128,7 @@ class RunLog:
                 self.log(f"warning: could not append to {self.metrics_path} ({exc.strerror or exc}); "
                          "training goes on, some metrics are missing")
 
-    def step(self, iteration: int, loss: float, norm: float, lr: Callable[[], float]) -> None:
+    def step(self, iteration: int, loss: float, norm: float, lr: Callable[[], float], train_seconds: float) -> None:
         """After each step: the bar, and every log_interval steps a line, a metrics record and the ETA note."""
         self.window_steps += 1
         self.bar.update(1)
@@ -113,7 +141,7 @@ class RunLog:
         if self.bar.disable:  # no terminal (a log file, CI): plain lines instead of the bar
             self.say(f"iter {iteration}: loss {loss:.4f}, lr {rate:.2e}, {tok_s:,.0f} tok/s")
         self.metrics({"iter": iteration, "tokens": iteration * self.tokens_per_step, "loss": loss, "lr": rate,
-                      "grad_norm": norm, "tokens_per_s": tok_s, "time": time.time()})
+                      "grad_norm": norm, "tokens_per_s": tok_s, "train_seconds": train_seconds, "time": time.time()})
         self.windows += 1
         if self.windows == 2:
             self._eta_note(elapsed / self.window_steps, iteration)
@@ -128,13 +156,16 @@ class RunLog:
         self.say(f"note: training on the CPU, ~{seconds_per_step:.2f} s/iter: about {eta / 3600:.1f} h to go"
                  + (" (try --config baby for a quick run)" if larger_than_baby else ""))
 
-    def evaluation(self, iteration: int, losses: dict[str, float]) -> None:
-        line = f"step {iteration}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+    def evaluation(self, iteration: int, losses: dict[str, float], train_seconds: float) -> None:
+        """An evaluation's line and metrics record; ``val_whole`` says whether val was the whole split."""
+        whole = " (whole split)" if self.cfg.eval_whole_val else ""
+        line = f"step {iteration}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{whole}"
         if "ema_val" in losses:
             line += f" (EMA: train {losses['ema_train']:.4f}, val {losses['ema_val']:.4f})"
         self.say(line)
         self.metrics({"iter": iteration, "tokens": iteration * self.tokens_per_step,
-                      **{f"{k}_loss": v for k, v in losses.items()}, "time": time.time()})
+                      **{f"{k}_loss": v for k, v in losses.items()}, "val_whole": self.cfg.eval_whole_val,
+                      "train_seconds": train_seconds, "time": time.time()})
         if self.live_plot is not None:
             self.live_plot.refresh()
 

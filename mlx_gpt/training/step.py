@@ -28,6 +28,11 @@ def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) 
     return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
 
 
+def weighted_loss_sum(model: GPT, x: mx.array, y: mx.array, weights: mx.array) -> mx.array:
+    """The sum of the per-token losses times ``weights`` (the whole-split evaluation's windows)."""
+    return (nn.losses.cross_entropy(model(x), y, reduction="none") * weights).sum()
+
+
 def spread_over_streams(tree: Any, streams: list[mx.Stream] | None) -> Any:
     """A tree like ``tree`` (of arrays) holding a stream for each array (None for all when there are no
     ``streams``): the largest array goes to the stream with the fewest elements so far, so that per-parameter work
@@ -51,7 +56,8 @@ def dropout_seed(seed: int, iteration: int, slice_index: int) -> int:
 
 class TrainStep:
     """``step(x, y, iteration)`` -> (loss, gradient norm before clipping), updating the model, the optimizer and
-    the EMA in place; ``eval_loss(x, y)`` -> the mean loss (dropout as the model's mode says)."""
+    the EMA in place; ``eval_loss(x, y)`` -> the mean loss and ``eval_loss_sum(x, y, weights)`` -> the weighted sum
+    of the per-token losses (this rank's; dropout as the model's mode says)."""
 
     def __init__(self, model: GPT, optimizer: optim.Optimizer, ema: dict | None, cfg: TrainConfig, world_size: int,
                  streams: list[mx.Stream] | None) -> None:
@@ -61,7 +67,7 @@ class TrainStep:
         self.grad_streams = spread_over_streams(model.trainable_parameters(), streams)
         optimizer.parameter_streams = self.grad_streams
         self._gradients = [self._gradients_on(stream) for stream in streams or [None]]
-        self._update, self._eval_loss = self._apply_update, self._mean_loss
+        self._update, self._eval_loss, self._eval_loss_sum = self._apply_update, self._mean_loss, self._loss_sum
         if cfg.compile:
             # One compiled function per stream: traced as one graph, mx.compile merged the streams' identical
             # constants, and one stream's kernels then waited on the other's. Each reads the model and the RNG
@@ -71,6 +77,7 @@ class TrainStep:
             state = [model.state, optimizer.state] + ([ema] if ema is not None else [])
             self._update = mx.compile(self._update, inputs=state, outputs=state)
             self._eval_loss = mx.compile(self._eval_loss, inputs=[model.state])
+            self._eval_loss_sum = mx.compile(self._eval_loss_sum, inputs=[model.state])
 
     def _gradients_on(self, stream: mx.Stream | None) -> Callable[[mx.array, mx.array], Any]:
         grad_fn = nn.value_and_grad(self.model, partial(loss_fn, label_smoothing=self.cfg.label_smoothing))
@@ -121,6 +128,17 @@ class TrainStep:
             loss = sum(parts) / len(parts)
         return mx.distributed.all_sum(loss) / self.world_size if self.world_size > 1 else loss
 
+    def _loss_sum(self, x: mx.array, y: mx.array, weights: mx.array) -> mx.array:
+        """The weighted loss sum over equal slices of the batch, one per stream, in parallel."""
+        if self.streams is None:
+            return weighted_loss_sum(self.model, x, y, weights)
+        parts = []
+        for stream, *part in zip(self.streams, *(mx.split(a, len(self.streams)) for a in (x, y, weights)),
+                                 strict=True):
+            with mx.stream(stream):
+                parts.append(weighted_loss_sum(self.model, *part))
+        return sum(parts)
+
     def __call__(self, x: np.ndarray, y: np.ndarray, iteration: int) -> tuple[mx.array, mx.array]:
         slices = self.cfg.gradient_accumulation_steps * len(self._gradients)
         parts = []
@@ -136,3 +154,6 @@ class TrainStep:
 
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
         return self._eval_loss(mx.array(x), mx.array(y)).item()
+
+    def eval_loss_sum(self, x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
+        return self._eval_loss_sum(mx.array(x), mx.array(y), mx.array(weights)).item()
