@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 BASELINE = "baseline"
 COMBINED = "all"  # every other chosen setting at once
 DEFAULT_SETTINGS = {
@@ -47,6 +46,7 @@ DEFAULT_SETTINGS = {
     "embed_shortcut": "--embed_shortcut",
     "momentum_warmup": "--optimizer muon --momentum_warmup_iters 300",
     "wsd": "--lr_schedule wsd",
+    "baby-fast": "--config baby-fast",  # the preset: what helps, together
 }
 NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")  # a setting's name is part of a folder name
 
@@ -115,7 +115,7 @@ def parse_settings(chosen: list[str] | None, added: list[str]) -> dict[str, list
 
 def plan(settings: dict[str, list[str]], seeds: list[int], opts: argparse.Namespace) -> list[Run]:
     """The runs, round-robin: for each seed, every setting."""
-    data = opts.data or (DEFAULT_DATA if DEFAULT_DATA.is_file() else None)  # else train.py finds it
+    data = opts.data  # None: train.py finds (or downloads) Tiny Shakespeare
     common = ["--config", opts.config, "--max_iters", str(opts.iters), "--lr_decay_iters", str(opts.iters),
               "--eval_whole_val", "--eval_interval", str(opts.eval_interval),
               *(["--data", str(data.resolve())] if data else []), *shlex.split(opts.train_args)]

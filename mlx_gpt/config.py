@@ -190,6 +190,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 12, "max_iters": 2000, "lr_decay_iters": 2000, "eval_iters": 20,
     },
 }
+# baby's model size, data and budget with the recipe that the ablations found best (docs/recipe.md): Muon, rotary
+# positions, QK-norm, relu², zero-initialised projections, an untied head, a logit soft-cap and both shortcuts;
+# evaluated on the whole val split.
+PRESETS["baby-fast"] = {
+    **PRESETS["baby"], "optimizer": "muon", "position_encoding": "rope", "qk_norm": True, "activation": "relu2",
+    "zero_init_proj": True, "tie_weights": False, "logit_softcap": 30.0, "value_residual": True,
+    "embed_shortcut": True, "eval_whole_val": True,
+}
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
