@@ -12,7 +12,8 @@ from mlx_gpt.errors import MlxGptError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="preset (shakespeare, baby, baby-fast) or a JSON file of settings; flags override it")
+    p.add_argument("--config", help="preset (shakespeare, baby, baby-fast) or a JSON file of settings; flags "
+                                    "override it")
     p.add_argument("--data", help="UTF-8 text file to train on (default: Tiny Shakespeare, downloaded once)")
     p.add_argument("--out_dir", help="where checkpoints and metrics.jsonl go (default: assets/checkpoints)")
     m = p.add_argument_group("model")
