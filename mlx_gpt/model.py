@@ -63,7 +63,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
     Causal by default; an encoder calls it with a padding mask only (bidirectional). Returns the output and this
-    layer's values [B, T, n_head, head_dim] for the new tokens (the first layer's feed ``value_residual``).
+    layer's values [B, T, C] for the new tokens (the first layer's feed ``value_residual``).
     """
 
     def __init__(self, config: GPTConfig, mixes_first_values: bool = False) -> None:
@@ -82,25 +82,26 @@ class CausalSelfAttention(nn.Module):
                  first_values: mx.array | None = None) -> tuple[mx.array, mx.array]:
         B, T, C = x.shape
         qkv = self.c_attn(x)
-        q, k, v = (t.reshape(B, T, self.n_head, -1) for t in mx.split(qkv, 3, axis=-1))
         cfg = self.config
-        if cfg.qk_norm:
-            q, k = mx.fast.rms_norm(q, None, 1e-6), mx.fast.rms_norm(k, None, 1e-6)
-        if cfg.position_encoding == "rope":
-            offset = cache.offset if cache is not None else 0
-            q, k = rotate(q, offset, cfg.rope_base), rotate(k, offset, cfg.rope_base)
-        if "value_lambda" in self:
-            v = (1 - self.value_lambda) * v + self.value_lambda * first_values
+        values = qkv[..., 2 * C:]
+        if cfg.qk_norm or cfg.position_encoding == "rope" or "value_lambda" in self:
+            # queries and keys as one [B, T, 2 * n_head, head_dim] array: one call each for the norm and the rotation
+            qk = qkv[..., : 2 * C].reshape(B, T, 2 * self.n_head, -1)
+            if cfg.qk_norm:
+                qk = mx.fast.rms_norm(qk, None, 1e-6)
+            if cfg.position_encoding == "rope":
+                qk = rotate(qk, cache.offset if cache is not None else 0, cfg.rope_base)
+            if "value_lambda" in self:
+                values = (1 - self.value_lambda) * values + self.value_lambda * first_values
+            qkv = mx.concatenate([qk.reshape(B, T, 2 * C), values], axis=-1)
         if cache is None and isinstance(mask, str) and mask == "causal":
-            if cfg.qk_norm or cfg.position_encoding == "rope" or "value_lambda" in self:
-                qkv = mx.concatenate([t.reshape(B, T, C) for t in (q, k, v)], axis=-1)
             y = ops.causal_self_attention(qkv, self.n_head)
         else:
-            q, k, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+            q, k, v = ops.split_heads(qkv, self.n_head)
             if cache is not None:
-                k, vh = cache.update_and_fetch(k, vh)
-            y = ops.merge_heads(ops.attention(q, k, vh, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask))
-        return self.resid_dropout(self.c_proj(y)), v
+                k, v = cache.update_and_fetch(k, v)
+            y = ops.merge_heads(ops.attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask))
+        return self.resid_dropout(self.c_proj(y)), values
 
 
 def rotate(x: mx.array, offset: int, base: float) -> mx.array:

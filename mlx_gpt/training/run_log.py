@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -24,6 +25,8 @@ from ..plot import LivePlot
 # An ETA above this on the CPU earns a note; models no larger than this config's get no "--config baby" hint.
 SLOW_RUN_SECONDS = 15 * 60
 BABY_SIZE = (4, 128, 64)  # n_layer, n_embd, block_size
+# The banner's model line shows the shape; these are the rest, shown where they differ from nanoGPT's
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 
 
 def banner(model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str, num_params: int,
@@ -35,7 +38,7 @@ def banner(model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str
         f"data: {dataset.source} ({len(dataset.train):,} train / {len(dataset.val):,} val characters, "
         f"vocab {model_cfg.vocab_size})",
         f"model: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, {model_cfg.n_embd} wide, block "
-        f"{model_cfg.block_size}; number of parameters: {num_params / 1e6:.2f}M",
+        f"{model_cfg.block_size}; number of parameters: {num_params / 1e6:.2f}M{model_settings(model_cfg)}",
         f"batch: {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation{processes} = {sequences} "
         f"sequences ({sequences * model_cfg.block_size:,} tokens) per step; "
         f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
@@ -43,6 +46,14 @@ def banner(model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str
         *ops.describe(),
     ]
     return "\n".join(lines)
+
+
+def model_settings(model_cfg: GPTConfig) -> str:
+    """The model's settings that differ from nanoGPT's, as "; name=value, ..." (empty for nanoGPT's model)."""
+    defaults = GPTConfig()
+    changed = [f"{f.name}={getattr(model_cfg, f.name)}" for f in dataclasses.fields(GPTConfig)
+               if f.name not in SHAPE_FIELDS and getattr(model_cfg, f.name) != getattr(defaults, f.name)]
+    return f"; {', '.join(changed)}" if changed else ""
 
 
 def optimizer_line(cfg: TrainConfig) -> str:
