@@ -11,6 +11,8 @@ from typing import Any
 from .errors import MlxGptError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+# The compute precision of training (weights and optimizer state stay float32); auto picks one for the device.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -97,6 +99,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0: off; else keep an exponential moving average of the weights
     label_smoothing: float = 0.0  # in the training loss only; eval reports plain cross-entropy
     plot: bool = False  # redraw out_dir/loss.png after each evaluation (needs the [plot] extra)
+    dtype: str = "float32"  # forward and backward in this type (DTYPES or auto); float32 master weights
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -116,6 +119,8 @@ class TrainConfig:
         _require(0 <= self.seed < 2**64, f"seed must be in [0, 2**64) (what MLX and numpy accept), got {self.seed}")
         _require(self.on_save_error in ("stop", "warn"),
                  f"on_save_error must be 'stop' or 'warn', got {self.on_save_error!r}")
+        _require(self.dtype in (*DTYPES, "auto"),
+                 f"dtype must be one of {', '.join(DTYPES)} or auto, got {self.dtype!r}")
 
     @property
     def checkpoint_interval(self) -> int:
