@@ -192,7 +192,10 @@ def describe(device: str) -> str:
 
     from mlx_gpt.device import describe_device
 
-    name = mx.device_info(mx.gpu if device == "gpu" else mx.cpu).get("device_name", "?")
+    try:
+        name = mx.device_info(mx.gpu if device == "gpu" else mx.cpu).get("device_name", "?")
+    except (RuntimeError, ValueError) as exc:  # no such device in this MLX build
+        name = f"device_info failed: {exc}"
     return f"{describe_device(device)}; {name}"
 
 

@@ -24,7 +24,7 @@ MLX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.floa
 def auto_dtype(device: str) -> str:
     """What ``auto`` means on ``device`` ("gpu" or "cpu", see ``device.select_device``): float16 on Metal (every
     Apple GPU computes it natively), bfloat16 on CUDA (float32's range: no loss scaling), float32 on the CPU (MLX's
-    CPU matmuls in bfloat16 or float16 are some 40x slower than float32's BLAS)."""
+    CPU matmuls in bfloat16 or float16 are 40-85x slower than float32's BLAS)."""
     if device == "gpu":
         return "float16" if mx.metal.is_available() else "bfloat16"
     return "float32"
