@@ -60,10 +60,11 @@ def test_half_precision_steps_keep_float32_weights_and_follow_float32(small_text
     text = small_text.read_text()
     reference = make_trainer(text, tmp_path / "f32", dropout=0.1)
     half = make_trainer(text, tmp_path / dtype, dtype=dtype, dropout=0.1)
-    ref_losses = [reference.train_step()[0] for _ in range(12)]
-    losses = [half.train_step()[0] for _ in range(12)]
+    ref_losses, ref_norms = zip(*[reference.train_step() for _ in range(12)], strict=True)
+    losses, norms = zip(*[half.train_step() for _ in range(12)], strict=True)
     assert all(math.isfinite(loss) for loss in losses)
     np.testing.assert_allclose(losses, ref_losses, rtol=5e-3)
+    np.testing.assert_allclose(norms, ref_norms, rtol=3e-2)  # the true (unscaled) gradient norm
     assert losses[-1] < losses[0] - 0.1  # it learns
     for name, array in [*tree_flatten(half.model.parameters()), *tree_flatten(half.optimizer.state)]:
         assert array.dtype in (mx.float32, mx.uint64), (name, array.dtype)
@@ -72,6 +73,15 @@ def test_half_precision_steps_keep_float32_weights_and_follow_float32(small_text
         np.testing.assert_allclose(value, ref_weights[name], atol=2e-3, err_msg=name)
     x, y = half.sampler.next_batch()
     assert half.step.eval_loss(x, y) == pytest.approx(reference.step.eval_loss(x, y), rel=5e-3)
+
+
+def test_float16_gradient_accumulation_equals_one_big_batch(small_text: Path, tmp_path: Path) -> None:
+    text = small_text.read_text()
+    big = make_trainer(text, tmp_path / "big", dtype="float16", batch_size=8)
+    accumulated = make_trainer(text, tmp_path / "acc", dtype="float16", gradient_accumulation_steps=4, batch_size=2)
+    steps_big = [big.train_step() for _ in range(3)]
+    steps_acc = [accumulated.train_step() for _ in range(3)]
+    np.testing.assert_allclose(steps_big, steps_acc, rtol=1e-3)  # losses and (unscaled) gradient norms
 
 
 def test_the_cpu_plugin_leaves_half_precision_to_mlx() -> None:
