@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
                    help="samples, generated as one batch")
     p.add_argument("--seed", type=cli.seed, default=None, help="same seed -> same output")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the weights (and the KV cache) in this type while sampling")
     p.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
                    help="auto: EMA weights when the checkpoint has them; raw: the trained weights; ema: insist on EMA")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -94,7 +96,7 @@ def main() -> int:
     select_device(args.device)
     sampler = make_sampler(args.temperature, args.top_k, args.top_p, args.min_p)
     processors = make_logits_processors(args.repetition_penalty, args.repetition_context_size)
-    model, tokenizer, _ = load_model(args.ckpt, weights=args.weights)
+    model, tokenizer, _ = load_model(args.ckpt, weights=args.weights, dtype=args.dtype)
     tokenizer.encode(prompt)  # unknown characters: the tokenizer's error, before any output
     if args.seed is not None:
         mx.random.seed(args.seed)

@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--label_smoothing", type=cli.unit_interval, help="label smoothing of the training loss")
     t.add_argument("--seed", type=cli.seed)
     t.add_argument("--compile", action=argparse.BooleanOptionalAction)
+    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="forward and backward in this type (float32 weights); auto: float16 on Metal, bfloat16 on "
+                        "CUDA, float32 on the CPU")
     t.add_argument("--plot", action=argparse.BooleanOptionalAction,
                    help="redraw out_dir/loss.png after each evaluation (pip install -e '.[plot]')")
     r = p.add_argument_group("run")

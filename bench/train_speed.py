@@ -5,6 +5,7 @@
     python bench/train_speed.py --sides mlx           # MLX only (also what happens without PyTorch)
     python bench/train_speed.py --sides mlx --baseline ../old-checkout   # this revision against another one
     python bench/train_speed.py --sides mlx --configs baby --blas numpy system   # MLX with each BLAS, interleaved
+    python bench/train_speed.py --sides mlx --dtype float32 bfloat16 float16     # MLX in each dtype, interleaved
 
 Each measurement runs in its own process, the two sides interleaved (MLX, PyTorch, MLX, PyTorch ...), so a
 machine whose speed drifts (other work, thermal limits) moves both alike; every pair gives a ratio. The MLX
@@ -35,6 +36,7 @@ CONFIGS = {"baby": "baby", "default": "shakespeare"}  # name in the table -> pre
 # (warm-up steps, timed steps) per config: the default config takes seconds per step on a CPU. Baby's window is ~5 s:
 # with 30 steps (1.5 s) the ratio per pair swung from 0.8 to 1.3 with this VM's bursts.
 STEPS = {"baby": (10, 100), "default": (1, 3)}
+DTYPES = ("float32", "bfloat16", "float16")
 sys.path.insert(0, str(ROOT))
 
 
@@ -46,13 +48,13 @@ def peak_rss_mib() -> float:
     return kib / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
-def configs(preset: str, data: str) -> tuple:
+def configs(preset: str, data: str, dtype: str = "float32") -> tuple:
     from mlx_gpt.config import GPTConfig, TrainConfig, load_preset, split_fields
     from mlx_gpt.data import Dataset
 
     model_values, train_values = split_fields(load_preset(preset))
     model_cfg = GPTConfig.from_dict(model_values)
-    train_cfg = TrainConfig.from_dict({**train_values, "out_dir": tempfile.gettempdir()})
+    train_cfg = TrainConfig.from_dict({**train_values, "out_dir": tempfile.gettempdir(), "dtype": dtype})
     dataset, tokenizer = Dataset.load(data, model_cfg.block_size)
     model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
     return model_cfg, train_cfg, dataset, tokenizer
@@ -69,7 +71,7 @@ def time_steps(step, warmup: int, steps: int) -> list[float]:
     return times
 
 
-def run_mlx(preset: str, data: str, warmup: int, steps: int, init_path: str) -> dict:
+def run_mlx(preset: str, data: str, warmup: int, steps: int, init_path: str, dtype: str = "float32") -> dict:
     from mlx_gpt import cpu
 
     plugin = cpu.enable(build_kernels=True, log=None)  # as train.py does, before mlx.core is imported
@@ -77,7 +79,7 @@ def run_mlx(preset: str, data: str, warmup: int, steps: int, init_path: str) -> 
     from mlx_gpt.training import Trainer
 
     device = select_device("cpu")
-    model_cfg, train_cfg, dataset, tokenizer = configs(preset, data)
+    model_cfg, train_cfg, dataset, tokenizer = configs(preset, data, dtype)
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, log=lambda _: None)
     if not Path(init_path).exists():  # the PyTorch side starts from these same weights
         import numpy as np
@@ -133,7 +135,7 @@ def run_sgemm() -> dict:
 
 def child_main(args: argparse.Namespace) -> None:
     if args.child == "mlx":
-        result = run_mlx(args.preset, args.data, args.warmup, args.steps, args.init)
+        result = run_mlx(args.preset, args.data, args.warmup, args.steps, args.init, args.dtype[0])
     elif args.child == "torch":
         result = run_torch(args.preset, args.data, args.warmup, args.steps, args.init)
     else:
@@ -146,11 +148,12 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def spawn(kind: str, *extra: str, root: Path = ROOT) -> dict:
-    """A child process of ``kind`` (mlx, torch, sgemm; mlx/BLAS: MLX with MLX_GPT_OPENBLAS=BLAS), from this checkout
-    or from ``root`` (another revision's)."""
-    kind, _, blas = kind.partition("/")
-    env = {**os.environ, "MLX_GPT_OPENBLAS": blas} if blas else None
-    cmd = [sys.executable, str(root / "bench" / "train_speed.py"), "--child", kind, *extra]
+    """A child process of ``kind`` (mlx, torch, sgemm; mlx/BLAS: MLX with MLX_GPT_OPENBLAS=BLAS; mlx/DTYPE: MLX
+    computing in DTYPE), from this checkout or from ``root`` (another revision's)."""
+    kind, _, variant = kind.partition("/")
+    dtype = ["--dtype", variant] if variant in DTYPES else []
+    env = {**os.environ, "MLX_GPT_OPENBLAS": variant} if variant and not dtype else None
+    cmd = [sys.executable, str(root / "bench" / "train_speed.py"), "--child", kind, *extra, *dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -174,6 +177,8 @@ def main() -> None:
     p.add_argument("--baseline", type=Path, help="another checkout of mlx-gpt: its MLX step, interleaved with ours")
     p.add_argument("--blas", nargs="+", choices=("numpy", "system"),
                    help="MLX side once per BLAS (MLX_GPT_OPENBLAS=numpy or system), interleaved; default: as set")
+    p.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32"],
+                   help="MLX side once per compute dtype, interleaved (PyTorch stays float32)")
     p.add_argument("--child", choices=("mlx", "torch", "sgemm"), help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
@@ -188,8 +193,12 @@ def main() -> None:
         sides.remove("torch")
     if "mlx" not in sides:  # the MLX process writes the shared initial weights
         sides.insert(0, "mlx")
+    if args.blas and len(args.dtype) > 1:
+        p.error("--blas and several --dtype: pick one of them")
     if args.blas:
         sides[sides.index("mlx"):sides.index("mlx") + 1] = [f"mlx/{blas}" for blas in args.blas]
+    elif args.dtype != ["float32"]:
+        sides[sides.index("mlx"):sides.index("mlx") + 1] = [f"mlx/{dtype}" for dtype in args.dtype]
     if args.baseline:
         sides.append("baseline")
     rows = []

@@ -6,11 +6,13 @@ Arrays are stored under ``model/<param path>``, ``optimizer/<state path>``, ``em
     {"format": "mlx-gpt", "version": 1, "config": {...GPTConfig}, "train": {...TrainConfig} | null,
      "vocab": [...chars...], "iter": N, "best_val_loss": x | null, "data_rng": {...} | null,
      "data": {"sha256": ..., "chars": N, "source": ...} | null, "lineage": [[run id, step | null], ...],
+     "loss_scale": {"scale": x, "good_steps": N} | null,
      "checksum": "sha256 of every other array"}
 
 ``data_rng`` is the training batches' numpy generator; the MLX random key (dropout) is derived from
 the seed and the iteration at every step, so there is no MLX RNG state to store. ``data`` fingerprints
-the training text (absent in older files).
+the training text (absent in older files); ``loss_scale`` is float16 training's dynamic loss scale (absent in
+older files, null for other dtypes).
 
 The container (an npz of float arrays plus a ``meta`` JSON entry with format, version and checksum) is
 written by ``container_bytes`` and read by ``read_container``, for this format and the translator's
@@ -484,6 +486,20 @@ def _lineage(meta: dict[str, Any]) -> list[list[Any]]:
     return lineage
 
 
+def _loss_scale(meta: dict[str, Any]) -> dict[str, Any] | None:
+    value = meta.get("loss_scale")
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"scale", "good_steps"}
+            and isinstance(value["scale"], (int, float)) and not isinstance(value["scale"], bool)
+            and math.isfinite(value["scale"]) and value["scale"] > 0
+            and isinstance(value["good_steps"], int) and not isinstance(value["good_steps"], bool)
+            and 0 <= value["good_steps"] < 2**31):
+        raise MlxGptError("'loss_scale' must be null or {\"scale\": a positive number, "
+                          "\"good_steps\": an integer >= 0}")
+    return value
+
+
 def _header_fields(meta: dict[str, Any]) -> dict[str, Any]:
     """The Checkpoint fields the JSON header holds, validated."""
     config = GPTConfig.from_dict(meta.get("config"))
@@ -503,7 +519,7 @@ def _header_fields(meta: dict[str, Any]) -> dict[str, Any]:
         raise MlxGptError(f"'train_seconds' must be a finite number >= 0, got {seconds!r}")
     return {"config": config, "tokenizer": tokenizer, "train": train, "iter": iteration, "best_val_loss": best,
             "data_rng": _optional_dict(meta, "data_rng"), "data": _optional_dict(meta, "data"),
-            "lineage": _lineage(meta), "train_seconds": float(seconds)}
+            "lineage": _lineage(meta), "train_seconds": float(seconds), "loss_scale": _loss_scale(meta)}
 
 
 def _check_gpt_header(meta: dict[str, Any], members: dict[str, Member]) -> dict[str, Any]:
@@ -557,6 +573,7 @@ class Checkpoint:
     data: dict[str, Any] | None = None  # fingerprint of the training text: {"sha256", "chars", "source"}
     lineage: list[list[Any]] = field(default_factory=list)  # [[run id, last step taken from it or None], ...]
     train_seconds: float = 0.0  # wall time spent training up to this step (evaluation and saving left out)
+    loss_scale: dict[str, Any] | None = None  # float16 training's {"scale", "good_steps"} (absent in older files)
     path: Path | None = None
 
     def to_bytes(self) -> bytes:
@@ -565,6 +582,8 @@ class Checkpoint:
         meta = {"config": self.config.to_dict(), "train": self.train, "vocab": self.tokenizer.chars,
                 "iter": self.iter, "best_val_loss": self.best_val_loss, "data_rng": self.data_rng,
                 "data": self.data, "lineage": self.lineage, "train_seconds": self.train_seconds}
+        if self.loss_scale is not None:  # float16 runs only: other files stay as they were
+            meta["loss_scale"] = self.loss_scale
         return container_bytes(FORMAT, VERSION, meta, arrays)
 
     def save(self, path: str | Path) -> Path:
@@ -583,26 +602,31 @@ class Checkpoint:
                    path=path, **header)
 
 
-def load_model(path: str | Path, weights: str = "auto") -> tuple[GPT, CharTokenizer, Checkpoint]:
+def load_model(path: str | Path, weights: str = "auto", dtype: str = "float32") -> tuple[GPT, CharTokenizer,
+                                                                                         Checkpoint]:
     """A ready-to-sample model (eval mode) and its tokenizer from a checkpoint.
 
     ``weights``: "auto" uses the EMA weights when the checkpoint has them, "raw" the trained
-    weights, "ema" insists on EMA weights.
+    weights, "ema" insists on EMA weights. ``dtype``: the weights cast to it (float32, bfloat16, float16).
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from .model import GPT
+    from .precision import cast_floats, mlx_dtype
 
-    ckpt = Checkpoint.load(path)
     if weights not in ("auto", "raw", "ema"):
         raise MlxGptError(f"weights must be auto, raw or ema, got {weights!r}")
+    compute_dtype = mlx_dtype(dtype)
+    ckpt = Checkpoint.load(path)
     if weights == "ema" and not ckpt.ema:
         raise MlxGptError(f"checkpoint {ckpt.path} has no EMA weights; use --weights raw")
     chosen = ckpt.ema if ckpt.ema and weights != "raw" else ckpt.model
     model = GPT(ckpt.config)
     check_arrays(ckpt.path, "weights", {k: v.shape for k, v in tree_flatten(model.parameters())}, chosen)
     model.load_weights([(k, mx.array(v)) for k, v in chosen.items()])
+    if compute_dtype != mx.float32:
+        model.update(cast_floats(model.parameters(), compute_dtype))
     model.eval()
     mx.eval(model.parameters())
     return model, ckpt.tokenizer, ckpt

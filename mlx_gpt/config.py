@@ -14,6 +14,8 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2")
 POSITION_ENCODINGS = ("learned", "rope")
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd")
+# The compute precision of training (weights and optimizer state stay float32); auto picks one for the device.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -127,6 +129,7 @@ class TrainConfig:
     momentum_warmup_iters: int = 0  # Muon's momentum rises linearly from 0.85 to muon_momentum over these
     lr_schedule: str = "cosine"  # cosine (nanoGPT) | wsd (warm-up, stable, linear decay)
     wsd_decay_fraction: float = 0.2  # wsd: the decay takes this last fraction of lr_decay_iters
+    dtype: str = "float32"  # forward and backward in this type (DTYPES or auto); float32 master weights
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -155,6 +158,8 @@ class TrainConfig:
                  f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         _require(0.0 < self.wsd_decay_fraction <= 1.0,
                  f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+        _require(self.dtype in (*DTYPES, "auto"),
+                 f"dtype must be one of {', '.join(DTYPES)} or auto, got {self.dtype!r}")
 
     @property
     def checkpoint_interval(self) -> int:

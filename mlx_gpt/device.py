@@ -25,6 +25,11 @@ def select_device(name: str = "auto") -> str:
     return "gpu" if use_gpu else "cpu"
 
 
+def current_device() -> str:
+    """``gpu`` or ``cpu``: where MLX's default device puts the work now."""
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+
+
 def describe_device(device: str) -> str:
     """The banner's device line."""
     if device == "gpu":

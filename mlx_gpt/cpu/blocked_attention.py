@@ -120,9 +120,9 @@ def _attention(scale: float, causal: bool) -> Any:
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: ops.Mask) -> mx.array:
-    """``ops.attention`` on the CPU: the blocked attention above (the fused kernel elsewhere, and for one query per
-    row, which it does well)."""
-    if not on_cpu() or q.shape[-2] == 1:
+    """``ops.attention`` on the CPU: the blocked attention above (the fused kernel elsewhere, for one query per
+    row, which it does well, and for half precision, whose softmax MLX's computes in float32)."""
+    if not on_cpu() or q.shape[-2] == 1 or q.dtype != mx.float32:
         return ops.PLAIN["attention"](q, k, v, scale, mask)
     if isinstance(mask, str) and mask != "causal":
         raise ValueError(f"unknown mask {mask!r}")

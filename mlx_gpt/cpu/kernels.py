@@ -6,7 +6,7 @@
   lies, [B, T, 3C], and written [B, T, C], so the head transposes and their copies go too.
 
 Both match MLX's ops to <= 1e-5 relative, values and gradients (tests/test_cpu_plugin.py). Where a kernel is not
-built (or the input is not float32, or not on the CPU), MLX's ops or the blocked attention stand in.
+built (or not on the CPU), MLX's ops or the blocked attention stand in; for input that is not float32, MLX's ops.
 """
 
 from __future__ import annotations

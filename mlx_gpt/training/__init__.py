@@ -36,7 +36,8 @@ def train(model_cfg: GPTConfig, train_cfg: TrainConfig, resume: Checkpoint | Non
     if resume is None and model_cfg.vocab_size != tokenizer.vocab_size:
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, resume=resume, log=log)
-    trainer.log(banner(model_cfg, train_cfg, dataset, device, trainer.model.num_params(), trainer.world_size))
+    trainer.log(banner(model_cfg, trainer.cfg, dataset, device, trainer.model.num_params(), trainer.world_size,
+                       trainer.requested_dtype))
     if resume is not None:
         trainer.log(f"resuming from {resume.path} at iter {resume.iter}")
         trained_on = resume.data or {}

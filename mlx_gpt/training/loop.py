@@ -4,6 +4,7 @@ save until ``max_iters``, or until Ctrl+C / SIGTERM."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -18,11 +19,14 @@ from .. import ops
 from ..checkpoint import Checkpoint, check_arrays
 from ..config import GPTConfig, TrainConfig
 from ..data import BatchSampler, Dataset
+from ..device import current_device
 from ..errors import MlxGptError
 from ..model import GPT
+from ..precision import resolve_dtype
 from ..tokenizer import CharTokenizer
 from .checkpoints import CheckpointFolder, new_lineage
 from .evaluate import whole_split_batch_size, whole_split_loss
+from .loss_scale import MIN_SCALE, LossScaler
 from .optim import make_optimizer
 from .run_log import RunLog, TrainClock
 from .signals import StopSignals
@@ -57,6 +61,9 @@ class Trainer:
 
     def __init__(self, model_cfg: GPTConfig, train_cfg: TrainConfig, dataset: Dataset, tokenizer: CharTokenizer,
                  resume: Checkpoint | None = None, log: Callable[[str], None] = print) -> None:
+        # --dtype auto becomes the dtype it means on this device: what the checkpoints record
+        self.requested_dtype = train_cfg.dtype
+        train_cfg = dataclasses.replace(train_cfg, dtype=resolve_dtype(train_cfg.dtype, current_device()))
         self.model_cfg, self.cfg, self.dataset, self.tokenizer = model_cfg, train_cfg, dataset, tokenizer
         # Data parallelism (mlx.launch): a size-1 group when launched as a plain process.
         self.group = mx.distributed.init()
@@ -72,7 +79,10 @@ class Trainer:
         batch = train_cfg.batch_size * train_cfg.gradient_accumulation_steps
         self.sampler = BatchSampler(dataset.train, model_cfg.block_size, batch, train_cfg.seed,
                                     self.rank, self.world_size)
+        self.scaler = LossScaler() if train_cfg.dtype == "float16" else None
         self.iter, self.best_val_loss, self.nonfinite_skipped = 0, None, 0
+        self.overflow_skipped, self._overflows_unlogged, self._overflow_logged_at = 0, 0, None
+        self._scale_before: float | None = None
         self.last_saved_iter: int | None = None
         self.clock = TrainClock()  # training time, without evaluations and saves
         self.resumed_from = resume.path if resume is not None else None
@@ -80,9 +90,9 @@ class Trainer:
                                        self.resumed_from)
         if resume is not None:
             self._restore(resume)
-        mx.eval(self.model.parameters(), self.optimizer.state)
+        mx.eval(self.model.parameters(), self.optimizer.state, self.scaler.state if self.scaler else {})
         streams = ops.step_streams(train_cfg.batch_size)
-        self.step = TrainStep(self.model, self.optimizer, self.ema, train_cfg, self.world_size, streams)
+        self.step = TrainStep(self.model, self.optimizer, self.ema, train_cfg, self.world_size, streams, self.scaler)
 
     # -- state ------------------------------------------------------------------------------------------
 
@@ -97,6 +107,8 @@ class Trainer:
         self.best_val_loss = ckpt.best_val_loss
         self.last_saved_iter = ckpt.iter
         self.clock = TrainClock(ckpt.train_seconds)
+        if self.scaler is not None and ckpt.loss_scale is not None:  # else (not a float16 run before): start over
+            self.scaler.load(ckpt.loss_scale)
 
     def load_weights(self, ckpt: Checkpoint) -> None:
         """The checkpoint's weights, EMA weights (where the run keeps an EMA) and step, without the optimizer state:
@@ -121,6 +133,7 @@ class Trainer:
             train=self.cfg.to_dict(), iter=self.iter, best_val_loss=self.best_val_loss,
             data_rng=self.sampler.state(), data=self.dataset.fingerprint, lineage=self.folder.lineage,
             train_seconds=self.clock.seconds(),
+            loss_scale=self.scaler.to_dict() if self.scaler is not None else None,
         )
 
     # -- one step, one evaluation -----------------------------------------------------------------------------
@@ -129,6 +142,7 @@ class Trainer:
         """One optimizer step on the next batch; returns (loss, gradient norm before clipping)."""
         x, y = self.sampler.next_batch()
         self.model.train()
+        self._scale_before = self.scaler.scale if self.scaler is not None else None
         loss, norm = self.step(x, y, self.iter)
         self.iter += 1
         return loss.item(), norm.item()
@@ -187,6 +201,9 @@ class Trainer:
         """Stop at a non-finite step, or skip it (the compiled step left the weights untouched)."""
         if math.isfinite(loss) and math.isfinite(norm):
             return
+        if math.isfinite(loss) and self._scale_before is not None and self._scale_before > MIN_SCALE:
+            self._overflow(log)  # the scaled float16 backward overflowed: the scaler's to handle
+            return
         self.nonfinite_skipped += 1
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
         if self.nonfinite_skipped > self.cfg.skip_nonfinite:
@@ -194,6 +211,19 @@ class Trainer:
                               "lower --learning_rate, or pass --skip_nonfinite N to skip such steps")
         log.say(f"iter {self.iter}: non-finite {what}, step skipped ({self.nonfinite_skipped}/"
                 f"{self.cfg.skip_nonfinite})")
+
+    def _overflow(self, log: RunLog) -> None:
+        """Count a float16 overflow (the step was skipped, the scale halved); said at most once per log_interval."""
+        self.overflow_skipped += 1
+        self._overflows_unlogged += 1
+        if self._overflow_logged_at is None or self.iter - self._overflow_logged_at >= self.cfg.log_interval:
+            self._say_overflows(log.say)
+
+    def _say_overflows(self, say: Callable[[str], None]) -> None:
+        since = f" since iter {self._overflow_logged_at}" if self._overflow_logged_at is not None else ""
+        say(f"iter {self.iter}: {self._overflows_unlogged} float16 gradient overflow(s){since}, step(s) skipped; "
+            f"loss scale now {self.scaler.scale:g}")
+        self._overflows_unlogged, self._overflow_logged_at = 0, self.iter
 
     def _last_save(self) -> str:
         return self.folder.holds(self.last_saved_iter)
@@ -266,7 +296,8 @@ class Trainer:
                 break
             loss, norm = self.train_step()
             self._check_finite(loss, norm, log)
-            log.step(self.iter, loss, norm, lambda: self.optimizer.learning_rate.item(), self.clock.seconds())
+            log.step(self.iter, loss, norm, lambda: self.optimizer.learning_rate.item(), self.clock.seconds(),
+                     (lambda: self.scaler.scale) if self.scaler is not None else None)
             done = self.iter == cfg.max_iters
             is_best = False
             if self.iter % cfg.eval_interval == 0 or done:
@@ -276,6 +307,8 @@ class Trainer:
                     saved = self.save(is_best, signals) or saved
         self.clock.stop()
         log.close()
+        if self._overflows_unlogged:
+            self._say_overflows(self.log)
         if stop and self.last_saved_iter != self.iter:
             saved = self.save(False, signals) or saved
         if self.is_main and self.last_saved_iter != self.iter:  # only after failed saves (--on_save_error warn)

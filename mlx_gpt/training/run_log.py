@@ -21,6 +21,7 @@ from ..config import GPTConfig, TrainConfig
 from ..data import Dataset
 from ..device import describe_device
 from ..plot import LivePlot
+from ..precision import describe as describe_precision
 
 # An ETA above this on the CPU earns a note; models no larger than this config's get no "--config baby" hint.
 SLOW_RUN_SECONDS = 15 * 60
@@ -30,7 +31,8 @@ SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
 
 
 def banner(model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str, num_params: int,
-           world_size: int = 1) -> str:
+           world_size: int = 1, requested_dtype: str | None = None) -> str:
+    """The lines a run starts with; ``requested_dtype``: the --dtype asked for, when ``cfg.dtype`` resolved it."""
     sequences = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
     processes = f" x {world_size} processes" if world_size > 1 else ""
     lines = [
@@ -43,6 +45,7 @@ def banner(model_cfg: GPTConfig, cfg: TrainConfig, dataset: Dataset, device: str
         f"sequences ({sequences * model_cfg.block_size:,} tokens) per step; "
         f"compile: {'on' if cfg.compile else 'off'}; out_dir: {cfg.out_dir}",
         optimizer_line(cfg),
+        describe_precision(cfg.dtype, requested_dtype),
         *ops.describe(),
     ]
     return "\n".join(lines)
@@ -139,8 +142,10 @@ class RunLog:
                 self.log(f"warning: could not append to {self.metrics_path} ({exc.strerror or exc}); "
                          "training goes on, some metrics are missing")
 
-    def step(self, iteration: int, loss: float, norm: float, lr: Callable[[], float], train_seconds: float) -> None:
-        """After each step: the bar, and every log_interval steps a line, a metrics record and the ETA note."""
+    def step(self, iteration: int, loss: float, norm: float, lr: Callable[[], float], train_seconds: float,
+             loss_scale: Callable[[], float] | None = None) -> None:
+        """After each step: the bar, and every log_interval steps a line, a metrics record (with float16's
+        ``loss_scale``) and the ETA note."""
         self.window_steps += 1
         self.bar.update(1)
         if iteration % self.cfg.log_interval and iteration != self.cfg.max_iters:
@@ -151,8 +156,10 @@ class RunLog:
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rate:.2e}", tok_s=f"{tok_s:,.0f}")
         if self.bar.disable:  # no terminal (a log file, CI): plain lines instead of the bar
             self.say(f"iter {iteration}: loss {loss:.4f}, lr {rate:.2e}, {tok_s:,.0f} tok/s")
+        scale = {"loss_scale": loss_scale()} if loss_scale is not None else {}
         self.metrics({"iter": iteration, "tokens": iteration * self.tokens_per_step, "loss": loss, "lr": rate,
-                      "grad_norm": norm, "tokens_per_s": tok_s, "train_seconds": train_seconds, "time": time.time()})
+                      "grad_norm": norm, **scale, "tokens_per_s": tok_s, "train_seconds": train_seconds,
+                      "time": time.time()})
         self.windows += 1
         if self.windows == 2:
             self._eta_note(elapsed / self.window_steps, iteration)

@@ -4,6 +4,11 @@ eval loss.
 A batch may be split into equal slices: micro-batches (gradient accumulation) and, where ``ops.step_streams`` gives
 several streams (the CPU plug-in: one per core), a share of each micro-batch per stream. Each slice's gradients are
 computed on its stream; their mean is the batch's gradient.
+
+With a compute dtype other than float32 (``TrainConfig.dtype``) the forward and backward run on copies of the weights
+cast inside the differentiated function, so the gradients come back float32 and the optimizer updates the float32
+weights; the loss (log-softmax, cross-entropy) is computed in float32. float16 adds dynamic loss scaling
+(``loss_scale.py``) inside the compiled step.
 """
 
 from __future__ import annotations
@@ -20,17 +25,24 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import TrainConfig
 from ..model import GPT
+from ..precision import cast_floats, mlx_dtype, weights_cast
+from .loss_scale import LossScaler
 from .optim import clip_grad_norm, ema_decay_at, on_stream
 
 
-def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
+def float32_logits(model: GPT, x: mx.array) -> mx.array:
+    """The model's logits, in float32 whatever it computes in: the log-softmax and the loss are float32."""
     logits = model(x)
-    return nn.losses.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="mean")
+    return logits if logits.dtype == mx.float32 else logits.astype(mx.float32)
+
+
+def loss_fn(model: GPT, x: mx.array, y: mx.array, label_smoothing: float = 0.0) -> mx.array:
+    return nn.losses.cross_entropy(float32_logits(model, x), y, label_smoothing=label_smoothing, reduction="mean")
 
 
 def weighted_loss_sum(model: GPT, x: mx.array, y: mx.array, weights: mx.array) -> mx.array:
     """The sum of the per-token losses times ``weights`` (the whole-split evaluation's windows)."""
-    return (nn.losses.cross_entropy(model(x), y, reduction="none") * weights).sum()
+    return (nn.losses.cross_entropy(float32_logits(model, x), y, reduction="none") * weights).sum()
 
 
 def spread_over_streams(tree: Any, streams: list[mx.Stream] | None) -> Any:
@@ -55,14 +67,19 @@ def dropout_seed(seed: int, iteration: int, slice_index: int) -> int:
 
 
 class TrainStep:
-    """``step(x, y, iteration)`` -> (loss, gradient norm before clipping), updating the model, the optimizer and
-    the EMA in place; ``eval_loss(x, y)`` -> the mean loss and ``eval_loss_sum(x, y, weights)`` -> the weighted sum
-    of the per-token losses (this rank's; dropout as the model's mode says)."""
+    """``step(x, y, iteration)`` -> (loss, gradient norm before clipping), updating the model, the optimizer, the
+    EMA and the loss scaler in place; ``eval_loss(x, y)`` -> the mean loss and ``eval_loss_sum(x, y, weights)`` -> the
+    weighted sum of the per-token losses (this rank's; dropout as the model's mode says).
+
+    ``cfg.dtype`` must be a concrete dtype (not auto); ``scaler`` (float16) scales the loss of each step.
+    """
 
     def __init__(self, model: GPT, optimizer: optim.Optimizer, ema: dict | None, cfg: TrainConfig, world_size: int,
-                 streams: list[mx.Stream] | None) -> None:
+                 streams: list[mx.Stream] | None, scaler: LossScaler | None = None) -> None:
         self.model, self.optimizer, self.ema, self.cfg = model, optimizer, ema, cfg
-        self.world_size, self.streams = world_size, streams
+        self.world_size, self.streams, self.scaler = world_size, streams, scaler
+        self.dtype = mlx_dtype(cfg.dtype)
+        scaler_state = [scaler.state] if scaler is not None else []
         # Each parameter's share of the update on one stream, so that this part of a step is shared too.
         self.grad_streams = spread_over_streams(model.trainable_parameters(), streams)
         optimizer.parameter_streams = self.grad_streams
@@ -73,28 +90,56 @@ class TrainStep:
             # constants, and one stream's kernels then waited on the other's. Each reads the model and the RNG
             # (dropout); value_and_grad writes the model back.
             stream_state = [model.state, mx.random.state]
-            self._gradients = [mx.compile(f, inputs=stream_state, outputs=stream_state) for f in self._gradients]
-            state = [model.state, optimizer.state] + ([ema] if ema is not None else [])
+            self._gradients = [mx.compile(f, inputs=stream_state + scaler_state, outputs=stream_state)
+                               for f in self._gradients]
+            state = [model.state, optimizer.state] + ([ema] if ema is not None else []) + scaler_state
             self._update = mx.compile(self._update, inputs=state, outputs=state)
             self._eval_loss = mx.compile(self._eval_loss, inputs=[model.state])
             self._eval_loss_sum = mx.compile(self._eval_loss_sum, inputs=[model.state])
 
     def _gradients_on(self, stream: mx.Stream | None) -> Callable[[mx.array, mx.array], Any]:
-        grad_fn = nn.value_and_grad(self.model, partial(loss_fn, label_smoothing=self.cfg.label_smoothing))
+        loss = partial(loss_fn, label_smoothing=self.cfg.label_smoothing)
+        if self.dtype == mx.float32 and self.scaler is None:
+            grad_fn = nn.value_and_grad(self.model, loss)
+
+            def gradients(x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
+                with on_stream(stream):
+                    return grad_fn(self.model, x, y)
+
+            return gradients
+        return self._mixed_gradients_on(stream, loss)
+
+    def _mixed_gradients_on(self, stream: mx.Stream | None, loss: Callable[..., mx.array]
+                            ) -> Callable[[mx.array, mx.array], Any]:
+        """(loss, gradients of the loss times the scale) with the forward and backward in the compute dtype: the
+        float32 weights are cast inside the differentiated function, so their gradients are float32."""
+        model, dtype, scaler = self.model, self.dtype, self.scaler
+
+        def scaled_loss(params: dict, x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+            model.update(cast_floats(params, dtype))
+            value = loss(model, x, y)
+            return (value * scaler.state["scale"] if scaler is not None else value), value
+
+        grad_fn = mx.value_and_grad(scaled_loss)
 
         def gradients(x: mx.array, y: mx.array) -> tuple[mx.array, dict]:
             with on_stream(stream):
-                return grad_fn(self.model, x, y)
+                params = model.trainable_parameters()
+                (_, value), grads = grad_fn(params, x, y)
+                model.update(params)  # the float32 weights back in the model
+                return value, grads
 
         return gradients
 
     def _apply_update(self, parts: list[tuple[mx.array, dict]]) -> tuple[mx.array, mx.array]:
         """The optimizer step from the (loss, gradients) of equal slices of the batch: their mean is the batch's."""
         loss = sum(part_loss for part_loss, _ in parts) / len(parts)
+        # float16: the gradients are of the scaled loss; divided by the scale in the mean
+        unscale = 1.0 / (len(parts) * self.scaler.state["scale"]) if self.scaler is not None else None
 
         def mean(stream: mx.Stream | None, *values: mx.array) -> mx.array:
             with on_stream(stream):
-                return sum(values) / len(values)
+                return sum(values) / len(values) if unscale is None else sum(values) * unscale
 
         grads = tree_map(mean, self.grad_streams, *(g for _, g in parts))
         if self.world_size > 1:  # every rank gets the mean over the global batch
@@ -102,42 +147,47 @@ class TrainStep:
             loss = mx.distributed.all_sum(loss) / self.world_size
         grads, norm = clip_grad_norm(grads, self.cfg.grad_clip, self.grad_streams)
         model, optimizer = self.model, self.optimizer
-        if self.cfg.skip_nonfinite > 0:
+        guarded = self.cfg.skip_nonfinite > 0 or self.scaler is not None  # float16: an overflow skips the step
+        if guarded:
             old_params = model.parameters()
             old_state = tree_map(lambda a: a, optimizer.state)  # new containers: update() mutates in place
         optimizer.update(model, grads)
-        if self.cfg.skip_nonfinite > 0:  # a non-finite loss or gradient leaves weights and optimizer untouched
+        if guarded:  # a non-finite loss or gradient leaves weights and optimizer untouched
             keep = partial(mx.where, mx.isfinite(loss) & mx.isfinite(norm))
             model.update(tree_map(keep, model.parameters(), old_params))
             optimizer.state.update(tree_map(keep, optimizer.state, old_state))
+        if self.scaler is not None:
+            self.scaler.update(mx.isfinite(norm))
         if self.ema is not None:
             decay = ema_decay_at(self.cfg.ema_decay, optimizer.step)
             self.ema.update(tree_map(lambda e, p: decay * e + (1 - decay) * p, self.ema, model.parameters()))
         return loss, norm
 
     def _mean_loss(self, x: mx.array, y: mx.array) -> mx.array:
-        """The loss as the mean over equal slices of the batch, one per stream, in parallel."""
-        if self.streams is None:
-            loss = loss_fn(self.model, x, y)
-        else:
-            parts = []
-            for stream, x_part, y_part in zip(self.streams, mx.split(x, len(self.streams)),
-                                              mx.split(y, len(self.streams)), strict=True):
-                with mx.stream(stream):
-                    parts.append(loss_fn(self.model, x_part, y_part))
-            loss = sum(parts) / len(parts)
+        """The loss as the mean over equal slices of the batch, one per stream, in parallel (in the compute dtype)."""
+        with weights_cast(self.model, self.dtype):
+            if self.streams is None:
+                loss = loss_fn(self.model, x, y)
+            else:
+                parts = []
+                for stream, x_part, y_part in zip(self.streams, mx.split(x, len(self.streams)),
+                                                  mx.split(y, len(self.streams)), strict=True):
+                    with mx.stream(stream):
+                        parts.append(loss_fn(self.model, x_part, y_part))
+                loss = sum(parts) / len(parts)
         return mx.distributed.all_sum(loss) / self.world_size if self.world_size > 1 else loss
 
     def _loss_sum(self, x: mx.array, y: mx.array, weights: mx.array) -> mx.array:
-        """The weighted loss sum over equal slices of the batch, one per stream, in parallel."""
-        if self.streams is None:
-            return weighted_loss_sum(self.model, x, y, weights)
-        parts = []
-        for stream, *part in zip(self.streams, *(mx.split(a, len(self.streams)) for a in (x, y, weights)),
-                                 strict=True):
-            with mx.stream(stream):
-                parts.append(weighted_loss_sum(self.model, *part))
-        return sum(parts)
+        """The weighted loss sum over equal slices of the batch, one per stream, in parallel (in the compute dtype)."""
+        with weights_cast(self.model, self.dtype):
+            if self.streams is None:
+                return weighted_loss_sum(self.model, x, y, weights)
+            parts = []
+            for stream, *part in zip(self.streams, *(mx.split(a, len(self.streams)) for a in (x, y, weights)),
+                                     strict=True):
+                with mx.stream(stream):
+                    parts.append(weighted_loss_sum(self.model, *part))
+            return sum(parts)
 
     def __call__(self, x: np.ndarray, y: np.ndarray, iteration: int) -> tuple[mx.array, mx.array]:
         slices = self.cfg.gradient_accumulation_steps * len(self._gradients)
@@ -149,7 +199,8 @@ class TrainStep:
             if self.cfg.gradient_accumulation_steps > 1 and (i + 1) % len(self._gradients) == 0:
                 mx.eval(parts)  # one micro-batch's activations in memory at a time
         loss, norm = self._update(parts)
-        mx.eval(loss, norm, self.model.parameters(), self.optimizer.state, self.ema or {})
+        mx.eval(loss, norm, self.model.parameters(), self.optimizer.state, self.ema or {},
+                self.scaler.state if self.scaler is not None else {})
         return loss, norm
 
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
