@@ -13,7 +13,9 @@ side is mlx_gpt.training.Trainer.train_step (the compiled step train.py runs: ba
 clipping, AdamW); the PyTorch side is bench/torch_gpt.py, eager, started from the same initial weights
 and fed the same batches. A third kind of process measures float32 matmul throughput (numpy, 2048^3)
 between the pairs: '% of sgemm' is the model's FLOPs per second (nanoGPT's estimate: 6 N + 12 L T C per
-token) over that peak. Peak memory is each process's maximum resident set size.
+token) over that peak. Peak memory is each process's maximum resident set size (what the OS gives the process:
+arrays, MLX's buffer cache, libraries), the largest over a side's processes; for the MLX side also MLX's own peak
+(``mx.get_peak_memory()``: the arrays alive at once, without the buffer cache).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def run_mlx(preset: str, data: str, warmup: int, steps: int, init_path: str, dty
     from mlx_gpt import cpu
 
     plugin = cpu.enable(build_kernels=True, log=None)  # as train.py does, before mlx.core is imported
+    import mlx.core as mx
+
     from mlx_gpt.device import describe_device, select_device
     from mlx_gpt.training import Trainer
 
@@ -87,7 +91,7 @@ def run_mlx(preset: str, data: str, warmup: int, steps: int, init_path: str, dty
 
         np.savez(init_path, **{k: np.array(v) for k, v in tree_flatten(trainer.model.parameters())})
     times = time_steps(trainer.train_step, warmup, steps)
-    return {"times": times, "params": trainer.model.num_params(),
+    return {"times": times, "params": trainer.model.num_params(), "mlx_peak_mib": mx.get_peak_memory() / 2**20,
             "device": "; ".join([describe_device(device), *plugin])}
 
 
@@ -229,8 +233,8 @@ def report(rows: list, data: str) -> None:
     for side, runs in first.items():
         print(f"{side}: {runs[0]['device']}")
     print()
-    print("| config | side | ms/step (median) | tokens/s | % of sgemm peak | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| config | side | ms/step (median) | tokens/s | % of sgemm peak | peak RSS (MiB) | MLX peak (MiB) |")
+    print("|---|---|---|---|---|---|---|")
     summary = []
     for name, preset, results, peaks in rows:
         model_cfg, train_cfg, _, _ = configs(preset, data)
@@ -238,20 +242,25 @@ def report(rows: list, data: str) -> None:
         mlx_sides = [side for side in results if side.startswith("mlx")]
         flops = flops_per_step(results[mlx_sides[0]][0]["params"], preset, data)
         peak = statistics.median(peaks)
-        medians = {}
+        medians, rss = {}, {}
         for side, runs in results.items():
             per_run = [statistics.median(r["times"]) for r in runs]
             ms = statistics.median(per_run)
             medians[side] = per_run
-            rss = max(r["peak_rss_mib"] for r in runs)
+            rss[side] = max(r["peak_rss_mib"] for r in runs)
+            mlx_peak = max((r["mlx_peak_mib"] for r in runs if "mlx_peak_mib" in r), default=None)
             print(f"| {name} | {side} | {ms * 1e3:.1f} | {tokens / ms:,.0f} | {100 * flops / ms / 1e9 / peak:.0f} % "
-                  f"| {rss:.0f} |")
+                  f"| {rss[side]:,.0f} | {'-' if mlx_peak is None else f'{mlx_peak:,.0f}'} |")
         # The first MLX side's tokens/s over each other side's (another BLAS, PyTorch), pair by pair.
         for other in [side for side in medians if side != mlx_sides[0]]:
             ratios = [o / m for m, o in zip(medians[mlx_sides[0]], medians[other], strict=True)]
             label = "MLX/PyTorch" if (mlx_sides[0], other) == ("mlx", "torch") else f"{mlx_sides[0]} : {other}"
             summary.append(f"{name}: {label} tokens/s per pair {', '.join(f'{r:.2f}' for r in ratios)}; "
                            f"median {statistics.median(ratios):.2f}")
+        summary.append(f"{name}: peak RSS (MiB, the largest of each side's processes) "
+                       + ", ".join(f"{side} {mib:,.0f}" for side, mib in rss.items()) + "; "
+                       + ", ".join(f"{mlx_sides[0]} : {other} {rss[mlx_sides[0]] / mib:.2f}"
+                                   for other, mib in rss.items() if other != mlx_sides[0]))
         summary.append(f"{name}: sgemm peak {peak:.0f} GFLOP/s (numpy float32 2048^3, median of "
                        f"{len(peaks)}); {flops / 1e9:.1f} GFLOP per step")
     print()

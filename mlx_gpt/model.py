@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from . import ops
+from . import lean_backward, ops
 from .config import GPTConfig
 from .ops import Mask
 
@@ -59,6 +59,16 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.get("bias"), self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names); in training mode its backward computes the weight gradient as soon
+    as it can (``lean_backward.linear``: the same values, less memory)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.training:
+            return super().__call__(x)
+        return lean_backward.linear(x, self.weight, self.get("bias"))
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection.
 
@@ -70,8 +80,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.config = config
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         if mixes_first_values:
             self.value_lambda = mx.array([0.5])  # how much of the first layer's values to take
         # The fused attention kernel has no dropout on attention weights; dropout applies to the
@@ -117,9 +127,9 @@ class CrossAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_q = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_kv = Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def key_values(self, encoder_hidden_states: mx.array) -> tuple[mx.array, mx.array]:
@@ -145,13 +155,15 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.activation = ACTIVATION_FUNCTIONS[config.activation]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
+        # in training, the activation's backward recomputes its intermediates (the same values, less memory)
+        activation = lean_backward.recomputed(self.activation) if self.training else self.activation
+        return self.dropout(self.c_proj(activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -224,7 +236,7 @@ class GPT(Transformer):
         super().__init__(config)
         self.config = config
         if not config.tie_weights:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.lm_head_bias:
             self.lm_head_bias = mx.zeros((config.vocab_size,))
         # attention + MLP per block
