@@ -10,8 +10,7 @@ runs out of time is a row that says so, and the next stage still runs. The stage
 1. the tests that exercise the device: model, sampling, training, checkpoint, precision (MLX_ENABLE_TF32=0: float32
    matmuls on CUDA in full float32, so that the tests' tolerances against float32 references hold);
 2. ``train.py --config baby`` in float32 and in the fast dtype (``--dtype auto``'s choice on this device;
-   bfloat16 on the CPU, where auto is float32), the final val loss (a 20-batch estimate) and the loss on the whole
-   val split (``bench/val_loss.py``);
+   bfloat16 on the CPU, where auto is float32), evaluated on the whole val split (``--eval_whole_val``) at the end;
 3. the default config (6 layers, 384 wide, block 256, batch 64) for a fixed number of steps per dtype: tokens/s
    (after warm-up steps) and MLX's peak memory;
 4. ``bench/sample_speed.py``: tokens/s without a cache, with the KV cache, and batched.
@@ -130,22 +129,16 @@ class Check:
         proc = self.run("baby run", setting, [
             sys.executable, "train.py", "--config", "baby", "--data", self.data, "--out_dir", str(out), "--dtype",
             dtype, "--device", self.device, "--max_iters", str(iters), "--lr_decay_iters", str(iters),
-            "--eval_interval", str(iters), "--log_interval", str(max(1, iters // 10))])
+            "--eval_interval", str(iters), "--eval_whole_val", "--log_interval", str(max(1, iters // 10))])
         if proc is None:
             return
-        seconds = self.seconds
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         val = [r["val_loss"] for r in records if r.get("val_loss") is not None][-1]
         speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-        result = f"val {val:.4f}"
-        whole = self.run("baby run", f"{setting}: whole val split", [
-            sys.executable, "bench/val_loss.py", str(out / "latest.npz"), "--data", self.data, "--device",
-            self.device])
-        if whole is not None:
-            result += f", whole val split {float(whole.stdout.rsplit('loss', 1)[1]):.4f}"
+        result = f"whole val split {val:.4f}"
         if len(speeds) > 1:  # the first window includes compilation
             result += f"; {speeds[-1]:,.0f} tok/s at the end"
-        self.rows.append(("baby run", setting, result, f"{seconds:.0f}"))
+        self.rows.append(("baby run", setting, result, f"{self.seconds:.0f}"))
 
     def default_speed(self, dtype: str) -> None:
         steps, warmup = self.plan["default_steps"], self.plan["default_warmup"]
