@@ -36,7 +36,7 @@ def _grads(model: GPT, x: mx.array, y: mx.array, training: bool) -> tuple[float,
         mx.set_memory_limit(limit)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "relu2"])
 def test_training_mode_keeps_less_with_the_same_gradients(activation: str) -> None:
     """Without dropout, training and eval mode compute the same function; training mode takes the lean backward
     (before it, both kept GELU's intermediates, [B, T, 4C] per layer)."""
@@ -49,7 +49,8 @@ def test_training_mode_keeps_less_with_the_same_gradients(activation: str) -> No
     plain_peak, plain = _grads(model, x, y, training=False)
     lean_peak, lean = _grads(model, x, y, training=True)
     assert all(mx.array_equal(a, b).item() for a, b in zip(plain, lean, strict=True))
-    if activation != "relu":  # ReLU keeps no intermediates (measured: 0.70-0.73 for GELU, 0.97-1.0 for ReLU)
+    # GELU keeps the most intermediates (measured lean : plain peaks: GELU 0.70-0.74, relu2 0.85, ReLU 0.95-1.0)
+    if activation.startswith("gelu"):
         assert lean_peak < 0.85 * plain_peak, (lean_peak, plain_peak)
 
 
