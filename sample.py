@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from mlx_gpt import cli, cpu
+from mlx_gpt.config import DTYPES
 from mlx_gpt.errors import MlxGptError
 
 DASHES = "-" * 40
@@ -47,7 +48,7 @@ def parse_args() -> argparse.Namespace:
                    help="samples, generated as one batch")
     p.add_argument("--seed", type=cli.seed, default=None, help="same seed -> same output")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the weights (and the KV cache) in this type while sampling")
     p.add_argument("--weights", choices=("auto", "raw", "ema"), default="auto",
                    help="auto: EMA weights when the checkpoint has them; raw: the trained weights; ema: insist on EMA")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from mlx_gpt import cli, cpu
-from mlx_gpt.config import ACTIVATIONS, POSITION_ENCODINGS, TrainConfig
+from mlx_gpt.config import ACTIVATIONS, DTYPES, LR_SCHEDULES, OPTIMIZERS, POSITION_ENCODINGS, TrainConfig
 from mlx_gpt.errors import MlxGptError
 
 
@@ -49,10 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--beta1", type=cli.unit_interval)
     t.add_argument("--beta2", type=cli.unit_interval)
     t.add_argument("--grad_clip", type=cli.nonnegative_float, help="0 disables clipping")
-    t.add_argument("--lr_schedule", choices=("cosine", "wsd"),
+    t.add_argument("--lr_schedule", choices=LR_SCHEDULES,
                    help="cosine (nanoGPT) or wsd: warm-up, stable, linear decay over the last wsd_decay_fraction")
     t.add_argument("--wsd_decay_fraction", type=cli.positive_float, help="wsd: fraction of lr_decay_iters decaying")
-    t.add_argument("--optimizer", choices=("adamw", "muon"),
+    t.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="muon: Muon for the blocks' 2-D weights, AdamW for the rest")
     t.add_argument("--muon_learning_rate", type=cli.positive_float, help="Muon's peak learning rate")
     t.add_argument("--muon_momentum", type=cli.unit_interval)
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--label_smoothing", type=cli.unit_interval, help="label smoothing of the training loss")
     t.add_argument("--seed", type=cli.seed)
     t.add_argument("--compile", action=argparse.BooleanOptionalAction)
-    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+    t.add_argument("--dtype", choices=(*DTYPES, "auto"),
                    help="forward and backward in this type (float32 weights); auto: float16 on Metal, bfloat16 on "
                         "CUDA, float32 on the CPU")
     t.add_argument("--plot", action=argparse.BooleanOptionalAction,

@@ -50,8 +50,6 @@ class Muon(PerParameterStreams, optim.Muon):
         super().__init__(learning_rate, weight_decay=0.0, nesterov=True, ns_steps=5)
         self._maybe_schedule("momentum", momentum)
         self.decoupled_weight_decay = weight_decay
-        self.parameter_streams: dict | None = None
-        self._stream_of = {}
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         with self.on_its_stream(parameter):

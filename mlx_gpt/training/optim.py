@@ -25,8 +25,10 @@ class PerParameterStreams:
     runs each parameter's update on the stream given for it, so that a step's update is shared between the CPU
     streams too. ``apply_single`` runs its ops ``with self.on_its_stream(parameter)``."""
 
-    parameter_streams: dict | None
-    _stream_of: dict[int, mx.Stream | None]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parameter_streams: dict | None = None
+        self._stream_of: dict[int, mx.Stream | None] = {}
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         # Looked up by the parameter array itself: independent of the order in which MLX visits the tree.
@@ -47,8 +49,6 @@ class AdamW(PerParameterStreams, optim.AdamW):
 
     def __init__(self, learning_rate: Any, betas: tuple[float, float], weight_decay: float) -> None:
         super().__init__(learning_rate, betas=list(betas), weight_decay=weight_decay, bias_correction=True)
-        self.parameter_streams: dict | None = None
-        self._stream_of = {}
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         with self.on_its_stream(parameter):

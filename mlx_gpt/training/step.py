@@ -163,31 +163,27 @@ class TrainStep:
             self.ema.update(tree_map(lambda e, p: decay * e + (1 - decay) * p, self.ema, model.parameters()))
         return loss, norm
 
-    def _mean_loss(self, x: mx.array, y: mx.array) -> mx.array:
-        """The loss as the mean over equal slices of the batch, one per stream, in parallel (in the compute dtype)."""
+    def _per_stream(self, loss: Callable[..., mx.array], *batch: mx.array) -> list[mx.array]:
+        """``loss(model, *slice)`` on equal slices of the batch, one per stream, in parallel (the whole batch when
+        there are no streams), in the compute dtype."""
         with weights_cast(self.model, self.dtype):
             if self.streams is None:
-                loss = loss_fn(self.model, x, y)
-            else:
-                parts = []
-                for stream, x_part, y_part in zip(self.streams, mx.split(x, len(self.streams)),
-                                                  mx.split(y, len(self.streams)), strict=True):
-                    with mx.stream(stream):
-                        parts.append(loss_fn(self.model, x_part, y_part))
-                loss = sum(parts) / len(parts)
+                return [loss(self.model, *batch)]
+            parts = []
+            for stream, *part in zip(self.streams, *(mx.split(a, len(self.streams)) for a in batch), strict=True):
+                with mx.stream(stream):
+                    parts.append(loss(self.model, *part))
+            return parts
+
+    def _mean_loss(self, x: mx.array, y: mx.array) -> mx.array:
+        """The loss as the mean over the streams' slices, averaged over the ranks."""
+        parts = self._per_stream(loss_fn, x, y)
+        loss = sum(parts) / len(parts)
         return mx.distributed.all_sum(loss) / self.world_size if self.world_size > 1 else loss
 
     def _loss_sum(self, x: mx.array, y: mx.array, weights: mx.array) -> mx.array:
-        """The weighted loss sum over equal slices of the batch, one per stream, in parallel (in the compute dtype)."""
-        with weights_cast(self.model, self.dtype):
-            if self.streams is None:
-                return weighted_loss_sum(self.model, x, y, weights)
-            parts = []
-            for stream, *part in zip(self.streams, *(mx.split(a, len(self.streams)) for a in (x, y, weights)),
-                                     strict=True):
-                with mx.stream(stream):
-                    parts.append(weighted_loss_sum(self.model, *part))
-            return sum(parts)
+        """The weighted loss sum over the streams' slices (this rank's)."""
+        return sum(self._per_stream(weighted_loss_sum, x, y, weights))
 
     def __call__(self, x: np.ndarray, y: np.ndarray, iteration: int) -> tuple[mx.array, mx.array]:
         slices = self.cfg.gradient_accumulation_steps * len(self._gradients)
