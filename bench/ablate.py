@@ -31,6 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mlx_gpt.errors import MlxGptError  # noqa: E402
+from mlx_gpt.plot import number, read_run  # noqa: E402  (metrics.jsonl as train.py writes it; no MLX)
+
 BASELINE = "baseline"
 COMBINED = "all"  # every other chosen setting at once
 DEFAULT_SETTINGS = {
@@ -164,19 +169,17 @@ def read_result(run: Run) -> Result:
     result = Result()
     try:
         record = json.loads((run.out_dir / "harness.json").read_text())
-        if record.get("command") != run.command:
-            return result
-        result.returncode, result.wall_seconds = record.get("returncode"), record.get("wall_seconds")
-        lines = (run.out_dir / "metrics.jsonl").read_text().splitlines()
     except (OSError, ValueError):
         return result
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec.get("val_loss"), (int, float)) and "train_seconds" in rec:
-            result.evals.append((rec["iter"], rec["val_loss"], rec["train_seconds"]))
+    if record.get("command") != run.command:
+        return result
+    result.returncode, result.wall_seconds = record.get("returncode"), record.get("wall_seconds")
+    try:
+        records = read_run(run.out_dir).records
+    except MlxGptError:  # no metrics (yet), or not readable
+        return result
+    result.evals = [(rec["iter"], rec["val_loss"], rec["train_seconds"]) for rec in records
+                    if number(rec.get("val_loss")) is not None and "train_seconds" in rec]
     return result
 
 

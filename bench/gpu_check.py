@@ -53,17 +53,13 @@ def speed_child(args: argparse.Namespace) -> None:
 
     cpu.enable(build_kernels=True, log=None)  # as train.py does, before mlx.core is imported
     import mlx.core as mx
+    from train_speed import configs  # bench/: the settings train_speed.py measures
 
-    from mlx_gpt.config import GPTConfig, TrainConfig, load_preset, split_fields
-    from mlx_gpt.data import Dataset
     from mlx_gpt.device import select_device
     from mlx_gpt.training import Trainer
 
     select_device(args.device)
-    model_values, train_values = split_fields(load_preset("shakespeare"))
-    train_cfg = TrainConfig.from_dict({**train_values, "out_dir": tempfile.gettempdir(), "dtype": args.dtype})
-    dataset, tokenizer = Dataset.load(args.data, GPTConfig.from_dict(model_values).block_size)
-    model_cfg = GPTConfig.from_dict({**model_values, "vocab_size": tokenizer.vocab_size})
+    model_cfg, train_cfg, dataset, tokenizer = configs("shakespeare", args.data, args.dtype)
     trainer = Trainer(model_cfg, train_cfg, dataset, tokenizer, log=lambda _: None)
     for _ in range(args.warmup):
         trainer.train_step()

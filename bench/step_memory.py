@@ -15,10 +15,10 @@ blocks of steps N times, and prints the lean step's tokens/s over the plain one'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +29,9 @@ from mlx_gpt import cpu  # noqa: E402
 cpu.enable(build_kernels=True, log=None)  # as train.py does, before mlx.core is imported
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from train_speed import configs  # noqa: E402  (bench/: the settings train_speed.py measures)
 
 from mlx_gpt import model as gpt_model  # noqa: E402
-from mlx_gpt.config import GPTConfig, TrainConfig, load_preset, split_fields  # noqa: E402
-from mlx_gpt.data import Dataset  # noqa: E402
 from mlx_gpt.device import select_device  # noqa: E402
 from mlx_gpt.training import Trainer  # noqa: E402
 
@@ -46,12 +45,9 @@ class PlainMLP(gpt_model.MLP):
 
 
 def trainer(args: argparse.Namespace, plain: list[str]) -> Trainer:
-    model_values, train_values = split_fields(load_preset(args.config))
-    train_values = {**train_values, "out_dir": tempfile.gettempdir(),
-                    **({"batch_size": args.batch_size} if args.batch_size else {})}
-    model_cfg, train_cfg = GPTConfig.from_dict(model_values), TrainConfig.from_dict(train_values)
-    dataset, tokenizer = Dataset.load(args.data, model_cfg.block_size)
-    model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
+    model_cfg, train_cfg, dataset, tokenizer = configs(args.config, args.data)
+    if args.batch_size:
+        train_cfg = dataclasses.replace(train_cfg, batch_size=args.batch_size)
     result = Trainer(model_cfg, train_cfg, dataset, tokenizer, log=lambda _: None)
     for _, module in result.model.named_modules():  # the classes the model had before lean_backward
         if "linear" in plain and type(module) is gpt_model.Linear:
